@@ -1,0 +1,268 @@
+"""
+The REST API and the SSE streams: one Klein app in front of the hub, with
+the WebSocket resources mounted in the same tree.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from werkzeug.exceptions import MethodNotAllowed as _WerkzeugNotAllowed
+from werkzeug.exceptions import NotFound as _WerkzeugNotFound
+
+from ._config import Config
+from ._errors import (
+    BadRequest,
+    Forbidden,
+    InvalidPayload,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    TinyMQError,
+    Unavailable,
+)
+from ._hub import Hub, Message, Topic
+from ._sse import SSEStream
+from ._topics import is_wildcard, validate_pattern, validate_topic
+from ._wire import is_json
+from ._ws import (
+    CommandProtocol,
+    TinyMQWebSocketFactory,
+    TopicProtocol,
+    WebSocketEndpoint,
+)
+
+_JSON_TYPES = (b"application/json",)
+_MAX_LAST = 1000
+
+
+def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(obj).encode("utf-8")
+
+
+def _arg(request: IRequest, name: str) -> str | None:
+    values = request.args.get(name.encode("ascii"))  # type: ignore[attr-defined]
+    if not values:
+        return None
+    try:
+        return str(values[0].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest(f"'{name}' is not UTF-8.") from None
+
+
+def _int_arg(request: IRequest, name: str, default: int, top: int) -> int:
+    text = _arg(request, name)
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit():
+        raise BadRequest(f"'{name}' must be a whole number, 0 or more.")
+    return min(int(text), top)
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    return {
+        "id": str(message.id),
+        "topic": message.topic,
+        "time": message.time,
+        "data": json.loads(message.envelope())["data"],
+    }
+
+
+class API:
+    """The HTTP routes of one TinyMQ server."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, hub: Hub, config: Config) -> None:
+        self.hub = hub
+        self.config = config
+        self.topic_ws = WebSocketEndpoint(
+            TinyMQWebSocketFactory(hub, config, TopicProtocol)
+        )
+        self.command_ws = WebSocketEndpoint(
+            TinyMQWebSocketFactory(hub, config, CommandProtocol)
+        )
+
+    # Publishing
+
+    @app.route("/api/topics/<topic>", methods=["POST"])
+    def publish(self, request: IRequest, topic: str) -> bytes:
+        """Publish the request body to C{topic}."""
+        validate_topic(topic)
+        body = request.content.read()  # type: ignore[union-attr]
+        if not body:
+            raise InvalidPayload("The message body is empty.")
+        if len(body) > self.config.max_message_size:
+            raise PayloadTooLarge(self._too_large())
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidPayload("The message body is not UTF-8 text.") from None
+        content_type = (request.getHeader(b"content-type") or b"").lower()
+        media_type = content_type.split(b";")[0].strip()
+        if (media_type in _JSON_TYPES or media_type.endswith(b"+json")) and not is_json(
+            text
+        ):
+            raise InvalidPayload(
+                "The body is not valid JSON, but Content-Type says it is."
+            )
+        message = self.hub.publish(topic, body)
+        return _json(request, {"id": str(message.id), "topic": topic})
+
+    def _too_large(self) -> str:
+        return (
+            f"The message is over the limit of {self.config.max_message_size} "
+            "bytes."
+        )
+
+    # Streams
+
+    @app.route("/api/topics/<pattern>/sse", methods=["GET"])
+    def sse(self, request: IRequest, pattern: str) -> Deferred[None]:
+        """Stream one topic or pattern as Server-Sent Events."""
+        validate_pattern(pattern)
+        return self._stream(request, [pattern], is_wildcard(pattern))
+
+    @app.route("/api/sse", methods=["GET"])
+    def sse_many(self, request: IRequest) -> Deferred[None]:
+        """Stream several topics or patterns on one connection."""
+        raw = request.args.get(b"topic") or []  # type: ignore[attr-defined]
+        if not raw:
+            raise BadRequest("Name at least one topic: /api/sse?topic=a&topic=b.")
+        limit = self.config.max_subscriptions
+        if len(raw) > limit:
+            raise BadRequest(f"A stream may follow at most {limit} topics.")
+        try:
+            patterns = [validate_pattern(value.decode("utf-8")) for value in raw]
+        except UnicodeDecodeError:
+            raise BadRequest("'topic' is not UTF-8.") from None
+        return self._stream(request, patterns, envelope=True)
+
+    def _stream(
+        self, request: IRequest, patterns: list[str], envelope: bool
+    ) -> Deferred[None]:
+        if self.hub.closing:
+            raise Unavailable("The server is shutting down.")
+        last = _int_arg(request, "last", 0, _MAX_LAST)
+        since = request.getHeader(b"last-event-id")
+        since_text = since.decode("latin-1") if since else _arg(request, "lastEventId")
+        policy = _arg(request, "policy")
+        max_rate = _arg(request, "max_rate")
+        policy, rate = self._policy_options(policy, max_rate)
+        stream = SSEStream(self.hub, request, envelope, policy, rate)  # type: ignore[arg-type]
+        return stream.open(patterns, last, since_text)
+
+    def _policy_options(
+        self, policy: str | None, max_rate: str | None
+    ) -> tuple[str | None, float | None]:
+        if policy is None and max_rate is None:
+            return None, None
+        if not self.config.client_policy:
+            raise Forbidden("This server does not let clients choose a policy.")
+        if policy is not None and policy not in ("disconnect", "latest"):
+            raise BadRequest("'policy' is 'disconnect' or 'latest'.")
+        rate = None
+        if max_rate is not None:
+            try:
+                rate = float(max_rate)
+            except ValueError:
+                raise BadRequest("'max_rate' must be a number.") from None
+            if not 0 < rate <= 1000:
+                raise BadRequest("'max_rate' is between 0 and 1000.")
+        return policy, rate
+
+    @app.route("/api/topics/<pattern>/ws", methods=["GET"])
+    def topic_websocket(self, request: IRequest, pattern: str) -> Resource:
+        """Open a WebSocket bound to one topic or pattern."""
+        validate_pattern(pattern)
+        return self.topic_ws
+
+    @app.route("/ws", methods=["GET"])
+    def command_websocket(self, request: IRequest) -> Resource:
+        """Open a WebSocket that speaks the JSON command protocol."""
+        return self.command_ws
+
+    # Inspection
+
+    @app.route("/api/topics", methods=["GET"])
+    def topics(self, request: IRequest) -> bytes:
+        """List the topics with their counters."""
+        listing = [self._topic_json(t) for t in self.hub.topics.values()]
+        listing.sort(key=lambda t: t["topic"])
+        return _json(request, {"topics": listing, "server": self.hub.stats()})
+
+    @app.route("/api/topics/<topic>", methods=["GET"])
+    def topic(self, request: IRequest, topic: str) -> bytes:
+        """Describe one topic, with its last message."""
+        validate_topic(topic)
+        found = self.hub.topics.get(topic)
+        if found is None:
+            raise NotFound(f"No message was published to '{topic}' yet.")
+        description = self._topic_json(found)
+        last = found.last
+        description["last_message"] = _message_json(last) if last else None
+        return _json(request, description)
+
+    @app.route("/api/topics/<topic>/messages", methods=["GET"])
+    def messages(self, request: IRequest, topic: str) -> bytes:
+        """Return a topic's kept history, oldest first."""
+        validate_topic(topic)
+        limit = _int_arg(request, "limit", 100, 1000)
+        since = _arg(request, "since")
+        found = self.hub.messages(topic, since, limit)
+        return _json(
+            request,
+            {
+                "topic": topic,
+                "messages": [_message_json(m) for m in found],
+                "last_id": str(self.hub.last_id),
+            },
+        )
+
+    def _topic_json(self, topic: Topic) -> dict[str, Any]:
+        return {
+            "topic": topic.name,
+            "subscribers": self.hub.subscriber_count(topic.name),
+            "messages": topic.published,
+            "rate": round(topic.rate, 3),
+            "history": len(topic.history),
+            "last_id": str(topic.last.id) if topic.last else None,
+        }
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        """Answer that the server is alive."""
+        return _json(request, {"status": "ok"})
+
+    # Errors
+
+    @app.handle_errors(TinyMQError)
+    def _error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, TinyMQError)
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            request.setHeader(b"Retry-After", b"%d" % max(1, round(retry_after)))
+        return _json(request, error.as_dict(), error.status)
+
+    @app.handle_errors(_WerkzeugNotFound)
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        error = NotFound("Nothing is served at this path.")
+        return _json(request, error.as_dict(), error.status)
+
+    @app.handle_errors(_WerkzeugNotAllowed)
+    def _not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
+        error = MethodNotAllowed("This path does not take that method.")
+        return _json(request, error.as_dict(), error.status)

@@ -1,0 +1,152 @@
+"""
+A subscriber: one client connection, seen by the hub as a push producer.
+
+Its transport pauses it when the client reads slower than messages arrive.
+While paused, the hub hands it messages instead of bytes, and it holds them
+in a bounded backlog; what happens when that backlog is full is the
+slow-consumer policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from ._hub import Hub, Message, _Group
+
+
+@implementer(IPushProducer)
+class Subscriber:
+    """
+    The hub's side of one connection. Protocol modules subclass it and
+    provide the writes and the ways to end the connection.
+    """
+
+    fmt = "sse"
+    chunked = False
+
+    def __init__(
+        self,
+        hub: Hub,
+        write: Callable[[bytes], object],
+        policy: str | None = None,
+        max_rate: float | None = None,
+    ) -> None:
+        self.hub = hub
+        self.write = write
+        self.policy = policy or hub.config.slow_policy
+        self.max_rate = max_rate
+        self.patterns: frozenset[str] = frozenset()
+        self.group: _Group | None = None
+        self.paused = False
+        self.closed = False
+        self.skipped = 0
+        self._held: list[Message] = []
+        self._latest: dict[str, Message] = {}
+        self._held_bytes = 0
+
+    # IPushProducer, called by the transport
+
+    def pauseProducing(self) -> None:
+        """Stop writing: the transport's buffer is full."""
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.hub.paused_subscriber(self)
+
+    def resumeProducing(self) -> None:
+        """Write what was held, in order, then go on writing live."""
+        if self.closed:
+            return
+        self.paused = False
+        self.hub.resumed_subscriber(self)
+        self._drain()
+
+    def stopProducing(self) -> None:
+        """The connection is going away: leave the hub."""
+        self.gone()
+
+    # Called by the hub
+
+    def send(self, messages: list[Message]) -> None:
+        """Send C{messages} to this subscriber alone, or hold them."""
+        if self.paused:
+            self.hold(messages)
+        elif self.group is not None:
+            self.write(self.group.encode(messages))
+
+    def hold(self, messages: list[Message]) -> None:
+        """Keep C{messages} until the transport resumes, within the limits."""
+        if self.closed:
+            return
+        if self.policy == "latest":
+            for message in messages:
+                previous = self._latest.pop(message.topic, None)
+                if previous is not None:
+                    self.skipped += 1
+                    self.hub.skipped += 1
+                self._latest[message.topic] = message
+            return
+
+        self._held.extend(messages)
+        self._held_bytes += sum(len(m.payload) for m in messages)
+        config = self.hub.config
+        if (
+            len(self._held) > config.backlog_messages
+            or self._held_bytes > config.backlog_bytes
+        ):
+            self._held.clear()
+            self._held_bytes = 0
+            self.hub.dropped += 1
+            self.hub.paused.pop(self, None)
+            self.overflow()
+
+    def _drain(self) -> None:
+        if self.skipped:
+            skipped, self.skipped = self.skipped, 0
+            self.notify_skipped(skipped)
+        held = self._held or sorted(self._latest.values(), key=lambda m: m.id)
+        self._held = []
+        self._latest = {}
+        self._held_bytes = 0
+        if held and self.group is not None:
+            self.write(self.group.encode(held))
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of payload held for this subscriber while it is paused."""
+        if self._latest:
+            return sum(len(m.payload) for m in self._latest.values())
+        return self._held_bytes
+
+    def gone(self) -> None:
+        """Forget this subscriber: its connection is closed."""
+        if self.closed:
+            return
+        self.closed = True
+        self._held = []
+        self._latest = {}
+        self.hub.detach(self)
+
+    # Provided by each protocol
+
+    def reset(self, last_id: int) -> None:
+        """Tell the client that history cannot fill its gap."""
+
+    def notify_skipped(self, count: int) -> None:
+        """Tell the client that C{count} messages were conflated away."""
+
+    def overflow(self) -> None:
+        """The backlog is full and the policy is to disconnect."""
+        self.abort("backlog-full")
+
+    def abort(self, reason: str) -> None:
+        """End the connection now, without waiting for buffered data."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """End the connection cleanly because the server stops."""
+        raise NotImplementedError

@@ -1,0 +1,326 @@
+"""
+WebSocket endpoints, on the same port as the REST API.
+
+``/api/topics/{pattern}/ws`` carries raw payloads, one text frame each, and
+publishes every text frame the client sends. ``/ws`` speaks a small JSON
+command protocol over many topics. Both are Autobahn protocols whose
+subscriber writes the hub's prepared frames straight to the transport.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import txaio
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import (
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request
+
+from ._config import Config
+from ._errors import BadRequest, Forbidden, InvalidPayload, TinyMQError
+from ._hub import Hub
+from ._subscriber import Subscriber
+from ._topics import is_wildcard, validate_pattern, validate_topic
+
+txaio.use_twisted()
+# Autobahn logs every frame at debug level; the broker logs at info.
+txaio.set_global_log_level("info")
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class WebSocketSubscriber(Subscriber):
+    """The hub's side of one WebSocket connection."""
+
+    def __init__(
+        self,
+        protocol: _BaseProtocol,
+        envelope: bool,
+        policy: str | None = None,
+        max_rate: float | None = None,
+    ) -> None:
+        assert protocol.transport is not None
+        super().__init__(
+            protocol.hub, protocol.transport.write, policy, max_rate
+        )
+        self.protocol = protocol
+        self.fmt = "ws-envelope" if envelope else "ws"
+
+    def reset(self, last_id: int) -> None:
+        """Tell a C{/ws} client that history cannot fill its gap."""
+        if self.fmt == "ws-envelope":
+            self.protocol.send_json(
+                {"type": "reset", "reason": "history-gap", "last_id": str(last_id)}
+            )
+
+    def notify_skipped(self, count: int) -> None:
+        """Tell a C{/ws} client how many messages were conflated away."""
+        if self.fmt == "ws-envelope":
+            self.protocol.send_json({"type": "skipped", "skipped": count})
+
+    def overflow(self) -> None:
+        """Close with 1013: the client reads too slowly."""
+        self.gone()
+        self.protocol.sendClose(CLOSE_TRY_AGAIN_LATER, "backlog full: read faster")
+
+    def shutdown(self) -> None:
+        """Close with 1001: the server is going away."""
+        self.gone()
+        self.protocol.sendClose(CLOSE_GOING_AWAY, "server shutting down")
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once."""
+        self.gone()
+        if self.protocol.transport is not None:
+            self.protocol.transport.abortConnection()
+
+
+def _query_int(params: dict[str, list[str]], name: str) -> int:
+    values = params.get(name)
+    if not values:
+        return 0
+    try:
+        value = int(values[0])
+    except ValueError:
+        raise BadRequest(f"'{name}' must be a whole number.") from None
+    if value < 0:
+        raise BadRequest(f"'{name}' must not be negative.")
+    return value
+
+
+class _BaseProtocol(WebSocketServerProtocol):
+    log = Logger()
+    factory: TinyMQWebSocketFactory
+    subscriber: WebSocketSubscriber | None = None
+
+    @property
+    def hub(self) -> Hub:
+        return self.factory.hub
+
+    def onConnect(self, request: ConnectionRequest) -> Any:
+        origin = request.headers.get("origin")
+        if origin and not self.factory.config.origin_allowed(origin):
+            raise ConnectionDeny(403, "Origin not allowed")
+        try:
+            self.accept(request)
+        except TinyMQError as error:
+            raise ConnectionDeny(error.status, error.message) from None
+        return None
+
+    def accept(self, request: ConnectionRequest) -> None:
+        """Check the handshake request; raise a L{TinyMQError} to refuse."""
+
+    def onOpen(self) -> None:
+        assert self.transport is not None
+        subscriber = self.make_subscriber()
+        self.subscriber = subscriber
+        # The HTTP channel was the transport's producer until the upgrade.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(subscriber, True)
+        self.opened(subscriber)
+
+    def make_subscriber(self) -> WebSocketSubscriber:
+        raise NotImplementedError
+
+    def opened(self, subscriber: WebSocketSubscriber) -> None:
+        """The connection is open and its subscriber registered."""
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.subscriber is not None:
+            self.subscriber.gone()
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        """Send one JSON text frame."""
+        self.sendMessage(json.dumps(obj).encode("utf-8"))
+
+    def policy_options(
+        self, policy: object, max_rate: object
+    ) -> tuple[str | None, float | None]:
+        """Check a client's choice of policy and rate, or raise."""
+        if policy is None and max_rate is None:
+            return None, None
+        if not self.factory.config.client_policy:
+            raise Forbidden("This server does not let clients choose a policy.")
+        if policy is not None and policy not in ("disconnect", "latest"):
+            raise BadRequest("'policy' is 'disconnect' or 'latest'.")
+        rate = None
+        if max_rate is not None:
+            try:
+                rate = float(max_rate)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise BadRequest("'max_rate' must be a number.") from None
+            if not 0 < rate <= 1000:
+                raise BadRequest("'max_rate' is between 0 and 1000.")
+        return policy, rate  # type: ignore[return-value]
+
+
+class TopicProtocol(_BaseProtocol):
+    """C{/api/topics/{pattern}/ws}: raw payloads in and out."""
+
+    pattern = ""
+    last = 0
+    policy: str | None = None
+    max_rate: float | None = None
+
+    def accept(self, request: ConnectionRequest) -> None:
+        parts = request.path.split("/")
+        if len(parts) != 5 or parts[1:3] != ["api", "topics"] or parts[4] != "ws":
+            raise BadRequest("The path is /api/topics/{pattern}/ws.")
+        self.pattern = validate_pattern(parts[3])
+        params = request.params
+        self.last = _query_int(params, "last")
+        self.policy, self.max_rate = self.policy_options(
+            (params.get("policy") or [None])[0],
+            (params.get("max_rate") or [None])[0],
+        )
+
+    def make_subscriber(self) -> WebSocketSubscriber:
+        return WebSocketSubscriber(
+            self, is_wildcard(self.pattern), self.policy, self.max_rate
+        )
+
+    def opened(self, subscriber: WebSocketSubscriber) -> None:
+        self.hub.attach(subscriber, [self.pattern], self.last)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.sendClose(1003, "Send text frames.")
+            return
+        if is_wildcard(self.pattern):
+            self.sendClose(1008, "Cannot publish to a pattern.")
+            return
+        if not payload.strip():
+            self.sendClose(1007, "Empty messages are not published.")
+            return
+        self.hub.publish(self.pattern, payload)
+
+
+class CommandProtocol(_BaseProtocol):
+    """C{/ws}: JSON commands, many topics on one connection."""
+
+    def make_subscriber(self) -> WebSocketSubscriber:
+        return WebSocketSubscriber(self, envelope=True)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        ref = None
+        try:
+            if isBinary:
+                raise BadRequest("Commands are JSON text frames.")
+            try:
+                command = json.loads(payload)
+            except ValueError:
+                raise BadRequest("A command is one JSON object.") from None
+            if not isinstance(command, dict):
+                raise BadRequest("A command is one JSON object.")
+            ref = command.get("ref")
+            handler = self._handlers.get(command.get("type"))  # type: ignore[arg-type]
+            if handler is None:
+                raise BadRequest(
+                    "'type' is one of subscribe, unsubscribe, publish, ping."
+                )
+            reply = handler(self, command)
+        except TinyMQError as error:
+            reply = {"type": "error", **error.as_dict()}
+        if reply is None:
+            return
+        if ref is not None:
+            reply["ref"] = ref
+        self.send_json(reply)
+
+    def _subscribe(self, command: dict[str, Any]) -> None:
+        subscriber = self.subscriber
+        assert subscriber is not None
+        pattern = validate_pattern(command.get("topic"))  # type: ignore[arg-type]
+        last = command.get("last", 0)
+        if not isinstance(last, int) or isinstance(last, bool) or last < 0:
+            raise BadRequest("'last' is a whole number, 0 or more.")
+        since = command.get("since")
+        if since is not None and not isinstance(since, str):
+            raise BadRequest("'since' is a message id string.")
+        limit = self.factory.config.max_subscriptions
+        if pattern not in subscriber.patterns and len(subscriber.patterns) >= limit:
+            raise BadRequest(f"A connection may follow at most {limit} topics.")
+        policy, max_rate = self.policy_options(
+            command.get("policy"), command.get("max_rate")
+        )
+        if policy is not None:
+            subscriber.policy = policy
+        if max_rate is not None:
+            subscriber.max_rate = max_rate
+
+        # The acknowledgement goes out before the replayed history.
+        reply: dict[str, Any] = {"type": "subscribed", "topic": pattern}
+        if "ref" in command:
+            reply["ref"] = command["ref"]
+        self.send_json(reply)
+        self.hub.attach(subscriber, [pattern], last, since)
+        return None
+
+    def _unsubscribe(self, command: dict[str, Any]) -> dict[str, Any]:
+        subscriber = self.subscriber
+        assert subscriber is not None
+        pattern = command.get("topic")
+        if pattern not in subscriber.patterns:
+            raise BadRequest("This connection does not follow that topic.")
+        self.hub.detach(subscriber, [pattern])  # type: ignore[list-item]
+        return {"type": "unsubscribed", "topic": pattern}
+
+    def _publish(self, command: dict[str, Any]) -> dict[str, Any]:
+        topic = validate_topic(command.get("topic"))  # type: ignore[arg-type]
+        if "data" not in command:
+            raise InvalidPayload("A publish command carries 'data'.")
+        try:
+            text = json.dumps(command["data"], separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            raise InvalidPayload("'data' must be plain JSON.") from None
+        payload = text.encode("utf-8")
+        if len(payload) > self.factory.config.max_message_size:
+            raise InvalidPayload("The message is over the size limit.")
+        message = self.hub.publish(topic, payload)
+        return {"type": "published", "topic": topic, "id": str(message.id)}
+
+    def _ping(self, command: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "pong"}
+
+    _handlers: dict[str, Any] = {
+        "subscribe": _subscribe,
+        "unsubscribe": _unsubscribe,
+        "publish": _publish,
+        "ping": _ping,
+    }
+
+
+class TinyMQWebSocketFactory(WebSocketServerFactory):
+    """A WebSocket factory that knows the hub and the server's settings."""
+
+    def __init__(self, hub: Hub, config: Config, protocol: type) -> None:
+        super().__init__()
+        self.hub = hub
+        self.config = config
+        self.protocol = protocol
+        self.setProtocolOptions(
+            maxMessagePayloadSize=config.max_message_size,
+            maxFramePayloadSize=config.max_message_size,
+            autoPingInterval=config.heartbeat or None,
+            autoPingTimeout=max(config.heartbeat, 5.0) if config.heartbeat else None,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=2,
+        )
+
+
+class WebSocketEndpoint(WebSocketResource):
+    """The WebSocket resource, mounted in the Klein tree."""
+
+    def render(self, request: Request) -> Any:
+        channel = request.channel
+        if isinstance(channel, HTTPChannel):
+            channel.setTimeout(None)
+        return super().render(request)

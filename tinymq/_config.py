@@ -51,6 +51,24 @@ def _origins(text: object) -> tuple[str, ...]:
     return tuple(item.rstrip("/") for item in items if item)
 
 
+def _words(text: object) -> tuple[str, ...]:
+    if isinstance(text, (list, tuple)):
+        return tuple(str(item) for item in text)
+    return tuple(str(text).replace(",", " ").split())
+
+
+def _optional(text: object) -> str | None:
+    value = str(text).strip()
+    return value or None
+
+
+def _log_format(text: object) -> str:
+    value = str(text).strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be 'text' or 'json'")
+    return value
+
+
 def _policy(text: object) -> str:
     value = str(text).strip().lower()
     if value not in POLICIES:
@@ -135,6 +153,88 @@ class Config:
     )
     max_subscriptions: int = _setting(
         100, _positive_int, "Topics or patterns one connection may follow."
+    )
+
+    auth_keys: str | None = _setting(
+        None,
+        _optional,
+        "TOML file of API keys and the topic patterns each may publish and "
+        "subscribe to; turns authentication on.",
+    )
+    jwt_secret: str | None = _setting(
+        None,
+        _optional,
+        "HS256 secret for JWTs; turns authentication on. Prefer the "
+        "environment variable TINYMQ_JWT_SECRET to the command line.",
+    )
+    jwt_public_key: str | None = _setting(
+        None,
+        _optional,
+        "PEM file of the public key that verifies RS256/ES256 JWTs; turns "
+        "authentication on.",
+    )
+    jwt_audience: str | None = _setting(
+        None, _optional, "Required 'aud' claim of JWTs, if any."
+    )
+    jwt_issuer: str | None = _setting(
+        None, _optional, "Required 'iss' claim of JWTs, if any."
+    )
+    auth_cookie: str = _setting(
+        "tinymq_token", str, "Cookie that may carry the token."
+    )
+    cors_credentials: bool = _setting(
+        False,
+        _boolean,
+        "Allow credentialed CORS requests (cookies) from the allowed "
+        "origins; needs an explicit origin list.",
+    )
+    max_connections: int = _setting(
+        50000, _positive_int, "Open connections in total."
+    )
+    max_connections_per_address: int = _setting(
+        1000,
+        _positive_int,
+        "Open connections from one client address (trusted addresses are "
+        "exempt); 0 turns the limit off.",
+    )
+    publish_rate: float = _setting(
+        1000.0,
+        _positive_float,
+        "Publishes per second allowed per API key or client address "
+        "(trusted addresses are exempt); 0 turns the limit off.",
+    )
+    publish_burst: int = _setting(
+        2000, _positive_int, "Publishes allowed in a burst above the rate."
+    )
+    trusted_addresses: tuple[str, ...] = _setting(
+        ("127.0.0.1", "::1"),
+        _words,
+        "Client addresses exempt from the per-address limits.",
+    )
+    max_header_size: int = _setting(
+        16384, _positive_int, "Bytes of request line and headers accepted."
+    )
+    header_timeout: float = _setting(
+        10.0,
+        _positive_float,
+        "Seconds a client has to send its request headers.",
+    )
+    access_log: bool = _setting(
+        False, _boolean, "Log one line per HTTP request, in combined format."
+    )
+    log_format: str = _setting(
+        "text", _log_format, "Log format: 'text' or 'json' (one object a line)."
+    )
+    console: bool = _setting(
+        True, _boolean, "Serve the live web console at / and /console."
+    )
+    metrics: bool = _setting(
+        True, _boolean, "Serve Prometheus metrics at /metrics."
+    )
+    metrics_topics: int = _setting(
+        50,
+        _positive_int,
+        "Topics with their own metric series; the rest are summed.",
     )
 
     @classmethod

@@ -160,7 +160,10 @@ class _Group:
                 subscriber.hold(messages)
             else:
                 subscriber.write(data)
-        self.hub.delivered += len(messages) * len(self.subscribers)
+        hub = self.hub
+        hub.delivered += len(messages) * len(self.subscribers)
+        if hub.on_delivery is not None:
+            hub.on_delivery(messages, len(self.subscribers))
 
     def _limit_rate(self, messages: list[Message]) -> list[Message]:
         now = self.hub.clock.seconds()
@@ -236,6 +239,10 @@ class Hub:
         self.delivered = 0
         self.skipped = 0
         self.dropped = 0
+
+        # Called after each group write with the messages and the number
+        # of subscribers written to; the metrics module listens here.
+        self.on_delivery: Callable[[list[Message], int], None] | None = None
 
         self._groups: dict[tuple[Any, ...], _Group] = {}
         self._exact: dict[str, set[_Group]] = {}

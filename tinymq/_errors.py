@@ -59,6 +59,13 @@ class PayloadTooLarge(TinyMQError):
     close_code = 1009
 
 
+class HeadersTooLarge(TinyMQError):
+    """The request line and headers are over the size limit."""
+
+    code = "headers-too-large"
+    status = 431
+
+
 class Unauthorized(TinyMQError):
     """No usable credentials came with the request."""
 
@@ -85,6 +92,13 @@ class MethodNotAllowed(TinyMQError):
 
     code = "method-not-allowed"
     status = 405
+
+
+class RequestTimeout(TinyMQError):
+    """The client took too long to send its request."""
+
+    code = "request-timeout"
+    status = 408
 
 
 class TooManyRequests(TinyMQError):

@@ -23,7 +23,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ._config import Config
-from ._errors import BadRequest, TooManyRequests
+from ._errors import BadRequest, Unavailable
 from ._topics import is_wildcard, matcher, validate_topic
 from ._wire import envelope, http_chunk, sse_comment, sse_event, ws_text_frame
 
@@ -326,7 +326,7 @@ class Hub:
         if len(self.topics) >= self.config.max_topics:
             self._forget_idle_topics()
             if len(self.topics) >= self.config.max_topics:
-                raise TooManyRequests(
+                raise Unavailable(
                     f"The server holds its limit of {self.config.max_topics} "
                     "topics."
                 )

@@ -1,6 +1,10 @@
 """
-The HTTP server around the API: request body limits, CORS, and the TCP
-settings of every connection.
+The HTTP server around the API: connection limits, request limits, CORS,
+and the TCP settings of every connection.
+
+Errors found before a request reaches the API (too many connections, an
+oversized body or header, headers sent too slowly) are answered here with
+the same JSON error body the API uses, and the connection is closed.
 """
 
 from __future__ import annotations
@@ -9,18 +13,37 @@ import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from ._config import Config
-from ._errors import Forbidden, PayloadTooLarge
+from ._errors import (
+    BadRequest,
+    Forbidden,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+    TinyMQError,
+    TooManyRequests,
+    Unavailable,
+)
 
 _ALLOWED_METHODS = b"GET, POST, OPTIONS"
 _ALLOWED_HEADERS = b"Content-Type, Authorization, Last-Event-ID, Cache-Control"
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
 
 
-def _cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, bytes]]:
+def cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, bytes]]:
+    """Return the CORS headers for a request from C{origin}."""
     if not origin:
         return []
     try:
@@ -29,9 +52,44 @@ def _cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, byt
         return []
     if not config.origin_allowed(text):
         return []
-    if "*" in config.cors_origins:
+    if "*" in config.cors_origins and not config.cors_credentials:
         return [(b"Access-Control-Allow-Origin", b"*")]
-    return [(b"Access-Control-Allow-Origin", origin), (b"Vary", b"Origin")]
+    headers = [(b"Access-Control-Allow-Origin", origin), (b"Vary", b"Origin")]
+    if config.cors_credentials:
+        headers.append((b"Access-Control-Allow-Credentials", b"true"))
+    return headers
+
+
+def write_error(
+    transport: Any,
+    error: TinyMQError,
+    headers: list[tuple[bytes, bytes]] = [],  # noqa: B006 - never mutated
+) -> None:
+    """
+    Write a whole HTTP/1.1 error response straight to C{transport} and
+    close it, for errors found before the API sees the request.
+    """
+    if transport is None:
+        return
+    body = error.as_json()
+    lines = [
+        b"HTTP/1.1 %d %s" % (error.status, _REASONS.get(error.status, b"Error")),
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"Connection: close",
+    ]
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        lines.append(b"Retry-After: %d" % max(1, round(retry_after)))
+    lines.extend(name + b": " + value for name, value in headers)
+    transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+    transport.loseConnection()
+
+
+def _config_of(channel: Any) -> Config:
+    site = getattr(channel, "site", None)
+    config = getattr(site, "config", None)
+    return config if isinstance(config, Config) else Config()
 
 
 class TinyMQRequest(Request):
@@ -43,14 +101,8 @@ class TinyMQRequest(Request):
     _refused = False
     _received = 0
 
-    @property
-    def _limit(self) -> int:
-        site = getattr(self.channel, "site", None)
-        config: Config = getattr(site, "config", None) or Config()
-        return config.max_message_size
-
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._limit:
+        if length is not None and length > _config_of(self.channel).max_message_size:
             self._refuse()
             return
         super().gotLength(length)
@@ -59,7 +111,7 @@ class TinyMQRequest(Request):
         if self._refused:
             return
         self._received += len(data)
-        if self._received > self._limit:
+        if self._received > _config_of(self.channel).max_message_size:
             self._refuse()
             return
         super().handleContentChunk(data)
@@ -74,39 +126,84 @@ class TinyMQRequest(Request):
         self._refused = True
         # No "100 Continue" for a body we will not take.
         self.requestHeaders.removeHeader(b"expect")
+        config = _config_of(self.channel)
         error = PayloadTooLarge(
-            f"The message is over the limit of {self._limit} bytes."
+            f"The message is over the limit of {config.max_message_size} bytes."
         )
-        body = error.as_json()
-        site = getattr(self.channel, "site", None)
-        config: Config = getattr(site, "config", None) or Config()
-        headers = [
-            (b"Content-Type", b"application/json"),
-            (b"Content-Length", b"%d" % len(body)),
-            (b"Connection", b"close"),
-        ] + _cors_headers(config, self.requestHeaders.getRawHeaders(b"origin", [None])[0])
-        head = b"HTTP/1.1 413 Payload Too Large\r\n" + b"".join(
-            name + b": " + value + b"\r\n" for name, value in headers
-        )
-        transport = self.channel.transport
-        if transport is not None:
-            transport.write(head + b"\r\n" + body)
-            transport.loseConnection()
+        origin = self.requestHeaders.getRawHeaders(b"origin", [None])[0]
+        write_error(self.channel.transport, error, cors_headers(config, origin))
 
 
 class TinyMQChannel(HTTPChannel):
-    """An HTTP connection with keep-alive probes and a send timeout."""
+    """
+    An HTTP connection that enforces the header limits and a deadline for
+    receiving the headers of each request.
+    """
+
+    site: TinyMQSite
+    _header_deadline: IDelayedCall | None = None
+    _refused = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        site = getattr(self, "site", None)
-        if isinstance(site, TinyMQSite):
-            site.channel_opened(self)
+        config = self.site.config
+        self.totalHeadersSize = config.max_header_size
+        self.MAX_LENGTH = config.max_header_size
+        refusal = self.site.channel_opened(self)
+        if refusal is not None:
+            self._refused = True
+            write_error(self.transport, refusal)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._header_deadline is None and not self._refused:
+            timeout = self.site.config.header_timeout
+            if timeout > 0:
+                self._header_deadline = self.callLater(timeout, self._headers_late)
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_deadline()
+        super().allHeadersReceived()
+
+    def _cancel_deadline(self) -> None:
+        if self._header_deadline is not None:
+            if self._header_deadline.active():
+                self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        self._refused = True
+        timeout = self.site.config.header_timeout
+        write_error(
+            self.transport,
+            RequestTimeout(f"The request headers took longer than {timeout:g} s."),
+        )
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._receivedHeaderSize = self.totalHeadersSize + 1
+        self._respondToBadRequestAndDisconnect()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._refused = True
+        self._cancel_deadline()
+        limit = self.site.config.max_header_size
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            error: TinyMQError = HeadersTooLarge(
+                f"The request headers are over the limit of {limit} bytes."
+            )
+        else:
+            error = BadRequest("The request is not valid HTTP/1.1.")
+        write_error(self.transport, error)
 
     def connectionLost(self, reason: Any) -> None:
-        site = getattr(self, "site", None)
-        if isinstance(site, TinyMQSite):
-            site.channel_closed(self)
+        self._cancel_deadline()
+        self.site.channel_closed(self)
         super().connectionLost(reason)
 
 
@@ -121,7 +218,7 @@ def _tune_socket(transport: Any, send_timeout: float) -> None:
         handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
         handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
         if send_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
-            # Unacknowledged data older than this ends the connection.
+            # Data left unacknowledged for this long ends the connection.
             handle.setsockopt(
                 socket.IPPROTO_TCP,
                 socket.TCP_USER_TIMEOUT,
@@ -131,6 +228,12 @@ def _tune_socket(transport: Any, send_timeout: float) -> None:
         pass
 
 
+def client_address(transport: Any) -> str:
+    """Return the client's IP address as text, or '' if it has none."""
+    peer = transport.getPeer() if transport is not None else None
+    return str(getattr(peer, "host", ""))
+
+
 class TinyMQSite(Site):
     """The site: the resource tree, its settings, and its connections."""
 
@@ -138,23 +241,54 @@ class TinyMQSite(Site):
     protocol = TinyMQChannel
 
     def __init__(self, resource: IResource, config: Config) -> None:
-        super().__init__(resource, timeout=300)
+        super().__init__(resource, timeout=60)
         self.config = config
         self.channels: set[TinyMQChannel] = set()
+        self.per_address: dict[str, int] = {}
+        self.refused = 0
         self._all_closed: list[Deferred[None]] = []
-        self.noisy = False
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """Write no access log line: one per publish is too many."""
 
-    def channel_opened(self, channel: TinyMQChannel) -> None:
-        """Count a new connection and tune its socket."""
+    def channel_opened(self, channel: TinyMQChannel) -> TinyMQError | None:
+        """
+        Count a new connection and tune its socket; return the error to
+        answer it with if it is over a limit.
+        """
+        config = self.config
+        address = client_address(channel.transport)
+        if len(self.channels) >= config.max_connections:
+            self.refused += 1
+            return Unavailable(
+                f"The server holds its limit of {config.max_connections} "
+                "connections."
+            )
+        count = self.per_address.get(address, 0)
+        limit = config.max_connections_per_address
+        if limit and count >= limit and address not in config.trusted_addresses:
+            self.refused += 1
+            return TooManyRequests(
+                f"Your address holds its limit of {limit} connections.",
+                retry_after=10,
+            )
         self.channels.add(channel)
-        _tune_socket(channel.transport, self.config.stall_timeout)
+        self.per_address[address] = count + 1
+        channel.client_address = address  # type: ignore[attr-defined]
+        _tune_socket(channel.transport, config.stall_timeout)
+        return None
 
     def channel_closed(self, channel: TinyMQChannel) -> None:
         """Forget a closed connection."""
+        if channel not in self.channels:
+            return
         self.channels.discard(channel)
+        address = getattr(channel, "client_address", "")
+        left = self.per_address.get(address, 1) - 1
+        if left > 0:
+            self.per_address[address] = left
+        else:
+            self.per_address.pop(address, None)
         if not self.channels:
             waiting, self._all_closed = self._all_closed, []
             for waiter in waiting:
@@ -187,7 +321,7 @@ class Root(Resource):
 
     def render(self, request: Request) -> Any:  # type: ignore[override]
         origin = request.getHeader(b"origin")
-        for name, value in _cors_headers(self.config, origin):
+        for name, value in cors_headers(self.config, origin):
             request.setHeader(name, value)
         if request.method == b"OPTIONS":
             return self._preflight(request, origin)
@@ -206,4 +340,3 @@ class Root(Resource):
             request.setHeader(b"Access-Control-Allow-Headers", _ALLOWED_HEADERS)
             request.setHeader(b"Access-Control-Max-Age", b"600")
         return b""
-

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
@@ -149,10 +149,6 @@ class TinyMQChannel(HTTPChannel):
         config = self.site.config
         self.totalHeadersSize = config.max_header_size
         self.MAX_LENGTH = config.max_header_size
-        refusal = self.site.channel_opened(self)
-        if refusal is not None:
-            self._refused = True
-            write_error(self.transport, refusal)
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -203,8 +199,46 @@ class TinyMQChannel(HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._cancel_deadline()
-        self.site.channel_closed(self)
         super().connectionLost(reason)
+
+
+class _Connection(_GenericHTTPChannelProtocol):  # type: ignore[misc]
+    """
+    One client connection, HTTP/1.1 or HTTP/2 as TLS negotiates, counted
+    against the connection limits.
+    """
+
+    _refused = False
+
+    def makeConnection(self, transport: Any) -> None:
+        site: TinyMQSite = self.site
+        refusal = site.channel_opened(self, transport)
+        if refusal is not None:
+            self._refused = True
+            write_error(transport, refusal)
+            return
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().dataReceived(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.site.channel_closed(self)
+        if not self._refused:
+            super().connectionLost(reason)
+
+    def close_if_idle(self) -> None:
+        """Close the connection unless it is serving a request."""
+        channel = self._channel
+        if isinstance(channel, HTTPChannel) and channel._handlingRequest:
+            return
+        if channel.transport is not None:
+            channel.transport.loseConnection()
+
+
+def _connection_factory(site: Site) -> _Connection:
+    return _Connection(TinyMQChannel())
 
 
 def _tune_socket(transport: Any, send_timeout: float) -> None:
@@ -238,12 +272,13 @@ class TinyMQSite(Site):
     """The site: the resource tree, its settings, and its connections."""
 
     requestFactory = TinyMQRequest
-    protocol = TinyMQChannel
+    protocol = _connection_factory
+    noisy = False
 
     def __init__(self, resource: IResource, config: Config) -> None:
         super().__init__(resource, timeout=60)
         self.config = config
-        self.channels: set[TinyMQChannel] = set()
+        self.channels: set[_Connection] = set()
         self.per_address: dict[str, int] = {}
         self.refused = 0
         self._all_closed: list[Deferred[None]] = []
@@ -251,13 +286,15 @@ class TinyMQSite(Site):
     def log(self, request: Request) -> None:  # type: ignore[override]
         """Write no access log line: one per publish is too many."""
 
-    def channel_opened(self, channel: TinyMQChannel) -> TinyMQError | None:
+    def channel_opened(
+        self, channel: _Connection, transport: Any
+    ) -> TinyMQError | None:
         """
         Count a new connection and tune its socket; return the error to
         answer it with if it is over a limit.
         """
         config = self.config
-        address = client_address(channel.transport)
+        address = client_address(transport)
         if len(self.channels) >= config.max_connections:
             self.refused += 1
             return Unavailable(
@@ -275,10 +312,10 @@ class TinyMQSite(Site):
         self.channels.add(channel)
         self.per_address[address] = count + 1
         channel.client_address = address  # type: ignore[attr-defined]
-        _tune_socket(channel.transport, config.stall_timeout)
+        _tune_socket(transport, config.stall_timeout)
         return None
 
-    def channel_closed(self, channel: TinyMQChannel) -> None:
+    def channel_closed(self, channel: _Connection) -> None:
         """Forget a closed connection."""
         if channel not in self.channels:
             return
@@ -297,8 +334,7 @@ class TinyMQSite(Site):
     def close_connections(self) -> Deferred[None]:
         """Close idle connections; fire when every connection is gone."""
         for channel in list(self.channels):
-            if channel.transport is not None and not channel._handlingRequest:
-                channel.transport.loseConnection()
+            channel.close_if_idle()
         if not self.channels:
             return succeed(None)
         waiter: Deferred[None] = Deferred()

@@ -19,7 +19,6 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
@@ -97,7 +96,6 @@ def _query_int(params: dict[str, list[str]], name: str) -> int:
 
 
 class _BaseProtocol(WebSocketServerProtocol):
-    log = Logger()
     factory: TinyMQWebSocketFactory
     subscriber: WebSocketSubscriber | None = None
 

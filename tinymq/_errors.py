@@ -11,6 +11,19 @@ from __future__ import annotations
 
 import json
 
+REASONS = {
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
 
 class TinyMQError(Exception):
     """The base of every error that TinyMQ reports to a client."""

@@ -19,6 +19,7 @@ from werkzeug.exceptions import NotFound as _WerkzeugNotFound
 
 from ._config import Config
 from ._errors import (
+    REASONS,
     BadRequest,
     Forbidden,
     InvalidPayload,
@@ -29,6 +30,7 @@ from ._errors import (
     Unavailable,
 )
 from ._hub import Hub, Message, Topic
+from ._limits import RateLimiter, check_publish_rate
 from ._sse import SSEStream
 from ._topics import is_wildcard, validate_pattern, validate_topic
 from ._wire import is_json
@@ -44,7 +46,7 @@ _MAX_LAST = 1000
 
 
 def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
-    request.setResponseCode(status)
+    request.setResponseCode(status, REASONS.get(status))
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps(obj).encode("utf-8")
 
@@ -86,11 +88,14 @@ class API:
     def __init__(self, hub: Hub, config: Config) -> None:
         self.hub = hub
         self.config = config
+        self.limiter = RateLimiter(
+            hub.clock, config.publish_rate, config.publish_burst
+        )
         self.topic_ws = WebSocketEndpoint(
-            TinyMQWebSocketFactory(hub, config, TopicProtocol)
+            TinyMQWebSocketFactory(hub, config, TopicProtocol, self.limiter)
         )
         self.command_ws = WebSocketEndpoint(
-            TinyMQWebSocketFactory(hub, config, CommandProtocol)
+            TinyMQWebSocketFactory(hub, config, CommandProtocol, self.limiter)
         )
 
     # Publishing
@@ -99,6 +104,9 @@ class API:
     def publish(self, request: IRequest, topic: str) -> bytes:
         """Publish the request body to C{topic}."""
         validate_topic(topic)
+        check_publish_rate(
+            self.limiter, self.config, None, request.getClientAddress()
+        )
         body = request.content.read()  # type: ignore[union-attr]
         if not body:
             raise InvalidPayload("The message body is empty.")

@@ -23,6 +23,7 @@ from ._errors import (
     BadRequest,
     Forbidden,
     HeadersTooLarge,
+    REASONS,
     PayloadTooLarge,
     RequestTimeout,
     TinyMQError,
@@ -32,14 +33,6 @@ from ._errors import (
 
 _ALLOWED_METHODS = b"GET, POST, OPTIONS"
 _ALLOWED_HEADERS = b"Content-Type, Authorization, Last-Event-ID, Cache-Control"
-_REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    413: b"Payload Too Large",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
 
 
 def cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, bytes]]:
@@ -73,7 +66,7 @@ def write_error(
         return
     body = error.as_json()
     lines = [
-        b"HTTP/1.1 %d %s" % (error.status, _REASONS.get(error.status, b"Error")),
+        b"HTTP/1.1 %d %s" % (error.status, REASONS.get(error.status, b"Error")),
         b"Content-Type: application/json",
         b"Content-Length: %d" % len(body),
         b"Connection: close",

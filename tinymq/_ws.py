@@ -23,8 +23,15 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
 from ._config import Config
-from ._errors import BadRequest, Forbidden, InvalidPayload, TinyMQError
+from ._errors import (
+    BadRequest,
+    Forbidden,
+    InvalidPayload,
+    TinyMQError,
+    TooManyRequests,
+)
 from ._hub import Hub
+from ._limits import RateLimiter, check_publish_rate
 from ._subscriber import Subscriber
 from ._topics import is_wildcard, validate_pattern, validate_topic
 
@@ -135,6 +142,16 @@ class _BaseProtocol(WebSocketServerProtocol):
         if self.subscriber is not None:
             self.subscriber.gone()
 
+    def check_rate(self) -> None:
+        """Count one publish against this client's rate limit."""
+        assert self.transport is not None
+        check_publish_rate(
+            self.factory.limiter,
+            self.factory.config,
+            None,
+            self.transport.getPeer(),
+        )
+
     def send_json(self, obj: dict[str, Any]) -> None:
         """Send one JSON text frame."""
         self.sendMessage(json.dumps(obj).encode("utf-8"))
@@ -197,6 +214,11 @@ class TopicProtocol(_BaseProtocol):
             return
         if not payload.strip():
             self.sendClose(1007, "Empty messages are not published.")
+            return
+        try:
+            self.check_rate()
+        except TooManyRequests as error:
+            self.sendClose(error.close_code, "Over the publish rate limit.")
             return
         self.hub.publish(self.pattern, payload)
 
@@ -273,6 +295,7 @@ class CommandProtocol(_BaseProtocol):
 
     def _publish(self, command: dict[str, Any]) -> dict[str, Any]:
         topic = validate_topic(command.get("topic"))  # type: ignore[arg-type]
+        self.check_rate()
         if "data" not in command:
             raise InvalidPayload("A publish command carries 'data'.")
         try:
@@ -299,11 +322,14 @@ class CommandProtocol(_BaseProtocol):
 class TinyMQWebSocketFactory(WebSocketServerFactory):
     """A WebSocket factory that knows the hub and the server's settings."""
 
-    def __init__(self, hub: Hub, config: Config, protocol: type) -> None:
+    def __init__(
+        self, hub: Hub, config: Config, protocol: type, limiter: RateLimiter
+    ) -> None:
         super().__init__()
         self.hub = hub
         self.config = config
         self.protocol = protocol
+        self.limiter = limiter
         self.setProtocolOptions(
             maxMessagePayloadSize=config.max_message_size,
             maxFramePayloadSize=config.max_message_size,

@@ -10,6 +10,7 @@ bytes and, at the end, the last chunk.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -101,14 +102,19 @@ class SSEStream(Subscriber):
     def overflow(self) -> None:
         """
         End the response so that EventSource reconnects and resumes from
-        history; the client that reads nothing is cut off by the stall
-        timeout.
+        history, and close the connection; a client that does not read even
+        that is cut off after the stall timeout.
         """
         self.log.info(
             "Disconnecting slow SSE subscriber {peer}",
             peer=str(self.request.getClientAddress()),
         )
+        transport = self._transport()
         self._finish()
+        if transport is not None:
+            transport.loseConnection()
+            grace = self.hub.config.stall_timeout or 10.0
+            self.hub.clock.callLater(grace, _abort_if_open, transport)
 
     def shutdown(self) -> None:
         """End the response cleanly."""
@@ -132,7 +138,15 @@ class SSEStream(Subscriber):
             reason=reason,
         )
         self.gone()
-        channel = getattr(self.request, "channel", None)
-        transport = getattr(channel, "transport", None)
+        transport = self._transport()
         if transport is not None:
             transport.abortConnection()
+
+    def _transport(self) -> Any:
+        channel = getattr(self.request, "channel", None)
+        return getattr(channel, "transport", None)
+
+
+def _abort_if_open(transport: Any) -> None:
+    if getattr(transport, "connected", False):
+        transport.abortConnection()

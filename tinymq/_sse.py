@@ -107,7 +107,7 @@ class SSEStream(Subscriber):
         """
         self.log.info(
             "Disconnecting slow SSE subscriber {peer}",
-            peer=str(self.request.getClientAddress()),
+            peer=self._peer(),
         )
         transport = self._transport()
         self._finish()
@@ -134,13 +134,18 @@ class SSEStream(Subscriber):
         """Drop the connection at once."""
         self.log.info(
             "Dropping SSE subscriber {peer}: {reason}",
-            peer=str(self.request.getClientAddress()),
+            peer=self._peer(),
             reason=reason,
         )
         self.gone()
         transport = self._transport()
         if transport is not None:
             transport.abortConnection()
+
+    def _peer(self) -> str:
+        address = self.request.getClientAddress()
+        host, port = getattr(address, "host", "?"), getattr(address, "port", "")
+        return f"{host}:{port}"
 
     def _transport(self) -> Any:
         channel = getattr(self.request, "channel", None)

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
+from ._direct import writer_for
 from ._errors import TinyMQError
 from ._hub import Hub
 from ._subscriber import Subscriber
@@ -72,7 +73,7 @@ class SSEStream(Subscriber):
         transport = getattr(channel, "transport", None)
         if not isinstance(channel, HTTPChannel) or transport is None:
             return
-        self.write = transport.write
+        self.write = writer_for(transport)
         self.chunked = bool(request.chunked)
 
     def reset(self, last_id: int) -> None:

@@ -23,6 +23,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
 from ._config import Config
+from ._direct import writer_for
 from ._errors import (
     BadRequest,
     Forbidden,
@@ -55,7 +56,7 @@ class WebSocketSubscriber(Subscriber):
     ) -> None:
         assert protocol.transport is not None
         super().__init__(
-            protocol.hub, protocol.transport.write, policy, max_rate
+            protocol.hub, writer_for(protocol.transport), policy, max_rate
         )
         self.protocol = protocol
         self.fmt = "ws-envelope" if envelope else "ws"

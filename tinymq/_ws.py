@@ -106,6 +106,7 @@ def _query_int(params: dict[str, list[str]], name: str) -> int:
 class _BaseProtocol(WebSocketServerProtocol):
     factory: TinyMQWebSocketFactory
     subscriber: WebSocketSubscriber | None = None
+    on_lost: Any = None
 
     @property
     def hub(self) -> Hub:
@@ -142,6 +143,12 @@ class _BaseProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.subscriber is not None:
             self.subscriber.gone()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost(reason)
 
     def check_rate(self) -> None:
         """Count one publish against this client's rate limit."""
@@ -348,4 +355,20 @@ class WebSocketEndpoint(WebSocketResource):
         channel = request.channel
         if isinstance(channel, HTTPChannel):
             channel.setTimeout(None)
-        return super().render(request)
+        transport = channel.transport
+        connection = _protocol_of(transport)
+        result = super().render(request)
+        protocol = _protocol_of(transport)
+        if isinstance(protocol, _BaseProtocol) and protocol is not connection:
+            # The WebSocket protocol replaced the HTTP connection on the
+            # transport; it must tell the site when the connection ends.
+            protocol.on_lost = getattr(connection, "connectionLost", None)
+        return result
+
+
+def _protocol_of(transport: Any) -> Any:
+    """Return the protocol on C{transport}, looking through TLS."""
+    protocol = getattr(transport, "wrappedProtocol", None)
+    if protocol is None:
+        protocol = getattr(transport, "protocol", None)
+    return protocol

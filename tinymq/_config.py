@@ -264,7 +264,10 @@ class Config:
         file_values: dict[str, object] = {}
         if path:
             with open(str(path), "rb") as config_file:
-                file_values = tomllib.load(config_file)
+                try:
+                    file_values = tomllib.load(config_file)
+                except tomllib.TOMLDecodeError as error:
+                    raise ValueError(f"{path}: {error}") from None
             unknown = set(file_values) - {f.name for f in cls.settings()}
             if unknown:
                 raise ValueError(
@@ -288,6 +291,13 @@ class Config:
                     raise ValueError(f"{where}: {error}") from None
                 break
         return cls(**values)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        if self.cors_credentials and "*" in self.cors_origins:
+            raise ValueError(
+                "--cors-credentials needs an explicit list of --cors-origins, "
+                "not '*'"
+            )
 
     def origin_allowed(self, origin: str) -> bool:
         """Tell whether a browser page from C{origin} may use the broker."""

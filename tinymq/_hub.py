@@ -312,12 +312,13 @@ class Hub:
         if not batch:
             return
         if len(batch) == 1:
-            for group in self._route(batch[0].topic):
+            # A delivery can drop a group (a slow subscriber cut off).
+            for group in tuple(self._route(batch[0].topic)):
                 group.deliver(batch)
             return
         per_group: dict[_Group, list[Message]] = {}
         for message in batch:
-            for group in self._route(message.topic):
+            for group in tuple(self._route(message.topic)):
                 per_group.setdefault(group, []).append(message)
         for group, messages in per_group.items():
             group.deliver(messages)

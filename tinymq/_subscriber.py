@@ -89,6 +89,8 @@ class Subscriber:
                     self.skipped += 1
                     self.hub.skipped += 1
                 self._latest[message.topic] = message
+            if len(self._latest) > self.hub.config.backlog_messages:
+                self._overflowed()
             return
 
         self._held.extend(messages)
@@ -98,11 +100,15 @@ class Subscriber:
             len(self._held) > config.backlog_messages
             or self._held_bytes > config.backlog_bytes
         ):
-            self._held.clear()
-            self._held_bytes = 0
-            self.hub.dropped += 1
-            self.hub.paused.pop(self, None)
-            self.overflow()
+            self._overflowed()
+
+    def _overflowed(self) -> None:
+        self._held = []
+        self._latest = {}
+        self._held_bytes = 0
+        self.hub.dropped += 1
+        self.hub.paused.pop(self, None)
+        self.overflow()
 
     def _drain(self) -> None:
         if self.skipped:

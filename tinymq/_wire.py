@@ -24,6 +24,12 @@ def is_json(text: str | bytes) -> bool:
     Tell whether C{text} is one JSON value that a browser's C{JSON.parse}
     accepts (so C{NaN} and C{Infinity} are refused).
     """
+    if isinstance(text, bytes):
+        # json.loads would guess UTF-16 or skip a byte order mark.
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
     try:
         json.loads(text, parse_constant=_refuse_constant)
     except ValueError:

@@ -76,12 +76,8 @@ def _policy(text: object) -> str:
     return value
 
 
-def _setting(
-    default: Any, parse: Callable[[object], Any], help: str
-) -> Any:
-    return dataclasses.field(
-        default=default, metadata={"parse": parse, "help": help}
-    )
+def _setting(default: Any, parse: Callable[[object], Any], help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"parse": parse, "help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,14 +125,12 @@ class Config:
     backlog_messages: int = _setting(
         10000,
         _positive_int,
-        "Messages held for one paused (slow) subscriber before the policy "
-        "acts.",
+        "Messages held for one paused (slow) subscriber before the policy acts.",
     )
     slow_policy: str = _setting(
         "disconnect",
         _policy,
-        "What to do with a subscriber whose backlog is full: 'disconnect' "
-        "or 'latest'.",
+        "What to do with a subscriber whose backlog is full: 'disconnect' or 'latest'.",
     )
     client_policy: bool = _setting(
         True,
@@ -148,9 +142,7 @@ class Config:
         _positive_float,
         "Seconds a subscriber may read nothing while data waits for it.",
     )
-    max_topics: int = _setting(
-        100000, _positive_int, "Topics that may exist at once."
-    )
+    max_topics: int = _setting(100000, _positive_int, "Topics that may exist at once.")
     max_subscriptions: int = _setting(
         100, _positive_int, "Topics or patterns one connection may follow."
     )
@@ -179,18 +171,14 @@ class Config:
     jwt_issuer: str | None = _setting(
         None, _optional, "Required 'iss' claim of JWTs, if any."
     )
-    auth_cookie: str = _setting(
-        "tinymq_token", str, "Cookie that may carry the token."
-    )
+    auth_cookie: str = _setting("tinymq_token", str, "Cookie that may carry the token.")
     cors_credentials: bool = _setting(
         False,
         _boolean,
         "Allow credentialed CORS requests (cookies) from the allowed "
         "origins; needs an explicit origin list.",
     )
-    max_connections: int = _setting(
-        50000, _positive_int, "Open connections in total."
-    )
+    max_connections: int = _setting(50000, _positive_int, "Open connections in total.")
     max_connections_per_address: int = _setting(
         1000,
         _positive_int,
@@ -228,9 +216,7 @@ class Config:
     console: bool = _setting(
         True, _boolean, "Serve the live web console at / and /console."
     )
-    metrics: bool = _setting(
-        True, _boolean, "Serve Prometheus metrics at /metrics."
-    )
+    metrics: bool = _setting(True, _boolean, "Serve Prometheus metrics at /metrics.")
     metrics_topics: int = _setting(
         50,
         _positive_int,
@@ -295,8 +281,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.cors_credentials and "*" in self.cors_origins:
             raise ValueError(
-                "--cors-credentials needs an explicit list of --cors-origins, "
-                "not '*'"
+                "--cors-credentials needs an explicit list of --cors-origins, not '*'"
             )
 
     def origin_allowed(self, origin: str) -> bool:

@@ -17,7 +17,15 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed as _WerkzeugNotAllowed
 from werkzeug.exceptions import NotFound as _WerkzeugNotFound
 
+from ._auth import (
+    Authenticator,
+    Grant,
+    authorize_publish,
+    authorize_subscribe,
+    www_authenticate,
+)
 from ._config import Config
+from ._console import ConsoleFeed, console_asset, set_console_headers
 from ._errors import (
     REASONS,
     BadRequest,
@@ -27,10 +35,12 @@ from ._errors import (
     NotFound,
     PayloadTooLarge,
     TinyMQError,
+    Unauthorized,
     Unavailable,
 )
 from ._hub import Hub, Message, Topic
 from ._limits import RateLimiter, check_publish_rate
+from ._metrics import ServerMetrics
 from ._sse import SSEStream
 from ._topics import is_wildcard, validate_pattern, validate_topic
 from ._wire import is_json
@@ -88,15 +98,21 @@ class API:
     def __init__(self, hub: Hub, config: Config) -> None:
         self.hub = hub
         self.config = config
-        self.limiter = RateLimiter(
-            hub.clock, config.publish_rate, config.publish_burst
-        )
+        self.limiter = RateLimiter(hub.clock, config.publish_rate, config.publish_burst)
+        self.auth = Authenticator(config)
         self.topic_ws = WebSocketEndpoint(
-            TinyMQWebSocketFactory(hub, config, TopicProtocol, self.limiter)
+            TinyMQWebSocketFactory(hub, config, TopicProtocol, self.limiter, self.auth)
         )
         self.command_ws = WebSocketEndpoint(
-            TinyMQWebSocketFactory(hub, config, CommandProtocol, self.limiter)
+            TinyMQWebSocketFactory(
+                hub, config, CommandProtocol, self.limiter, self.auth
+            )
         )
+        # Created now, not at the first scrape, to time every delivery.
+        self.metrics = (
+            ServerMetrics(hub, config.metrics_topics) if config.metrics else None
+        )
+        self.console = ConsoleFeed(hub) if config.console else None
 
     # Publishing
 
@@ -104,8 +120,10 @@ class API:
     def publish(self, request: IRequest, topic: str) -> bytes:
         """Publish the request body to C{topic}."""
         validate_topic(topic)
+        grant = self._grant(request)
+        authorize_publish(grant, topic)
         check_publish_rate(
-            self.limiter, self.config, None, request.getClientAddress()
+            self.limiter, self.config, grant.subject, request.getClientAddress()
         )
         body = request.content.read()  # type: ignore[union-attr]
         if not body:
@@ -128,10 +146,7 @@ class API:
         return _json(request, {"id": str(message.id), "topic": topic})
 
     def _too_large(self) -> str:
-        return (
-            f"The message is over the limit of {self.config.max_message_size} "
-            "bytes."
-        )
+        return f"The message is over the limit of {self.config.max_message_size} bytes."
 
     # Streams
 
@@ -161,6 +176,9 @@ class API:
     ) -> Deferred[None]:
         if self.hub.closing:
             raise Unavailable("The server is shutting down.")
+        grant = self._grant(request)
+        for pattern in patterns:
+            authorize_subscribe(grant, pattern)
         last = _int_arg(request, "last", 0, _MAX_LAST)
         since = request.getHeader(b"last-event-id")
         since_text = since.decode("latin-1") if since else _arg(request, "lastEventId")
@@ -168,7 +186,15 @@ class API:
         max_rate = _arg(request, "max_rate")
         policy, rate = self._policy_options(policy, max_rate)
         stream = SSEStream(self.hub, request, envelope, policy, rate)  # type: ignore[arg-type]
-        return stream.open(patterns, last, since_text)
+        done = stream.open(patterns, last, since_text)
+        if grant.expires is not None:
+            stream.expire_at(grant.expires)
+        return done
+
+    def _grant(self, request: IRequest) -> Grant:
+        """Return what the request's credentials allow, or raise 401."""
+        token = self.auth.token_from_web(request)
+        return self.auth.authenticate(token, self.hub.clock.seconds())
 
     def _policy_options(
         self, policy: str | None, max_rate: str | None
@@ -205,14 +231,19 @@ class API:
     @app.route("/api/topics", methods=["GET"])
     def topics(self, request: IRequest) -> bytes:
         """List the topics with their counters."""
-        listing = [self._topic_json(t) for t in self.hub.topics.values()]
+        grant = self._grant(request)
+        listing = [
+            self._topic_json(t)
+            for t in self.hub.topics.values()
+            if grant.may_subscribe(t.name)
+        ]
         listing.sort(key=lambda t: t["topic"])
         return _json(request, {"topics": listing, "server": self.hub.stats()})
 
     @app.route("/api/topics/<topic>", methods=["GET"])
     def topic(self, request: IRequest, topic: str) -> bytes:
         """Describe one topic, with its last message."""
-        validate_topic(topic)
+        authorize_subscribe(self._grant(request), topic)
         found = self.hub.topics.get(topic)
         if found is None:
             raise NotFound(f"No message was published to '{topic}' yet.")
@@ -224,7 +255,7 @@ class API:
     @app.route("/api/topics/<topic>/messages", methods=["GET"])
     def messages(self, request: IRequest, topic: str) -> bytes:
         """Return a topic's kept history, oldest first."""
-        validate_topic(topic)
+        authorize_subscribe(self._grant(request), topic)
         limit = _int_arg(request, "limit", 100, 1000)
         since = _arg(request, "since")
         found = self.hub.messages(topic, since, limit)
@@ -252,6 +283,55 @@ class API:
         """Answer that the server is alive."""
         return _json(request, {"status": "ok"})
 
+    # Console and metrics
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheus_metrics(self, request: IRequest) -> bytes:
+        """Serve the server's metrics in the Prometheus text format."""
+        if self.metrics is None:
+            raise NotFound("Metrics are off on this server.")
+        authorize_subscribe(self._grant(request), ">")
+        body, content_type = self.metrics.render(request.getHeader(b"accept"))
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        return body
+
+    @app.route("/", methods=["GET"])
+    @app.route("/console", methods=["GET"])
+    def console_page(self, request: IRequest) -> bytes:
+        """Serve the live web console."""
+        return self._console_file(request, "index.html")
+
+    @app.route("/console/", methods=["GET"])
+    def console_slash(self, request: IRequest) -> bytes:
+        """Send C{/console/} to C{/console}, where relative links work."""
+        if self.console is None:
+            raise NotFound("The console is off on this server.")
+        request.redirect(b"../console")
+        return b""
+
+    @app.route("/console/events", methods=["GET"])
+    def console_events(self, request: IRequest) -> Deferred[None]:
+        """Stream the server's figures to a console, once a second."""
+        if self.console is None:
+            raise NotFound("The console is off on this server.")
+        authorize_subscribe(self._grant(request), ">")
+        return self.console.open(request)  # type: ignore[arg-type]
+
+    @app.route("/console/<name>", methods=["GET"])
+    def console_static(self, request: IRequest, name: str) -> bytes:
+        """Serve one of the console's static files."""
+        return self._console_file(request, name)
+
+    def _console_file(self, request: IRequest, name: str) -> bytes:
+        if self.console is None:
+            raise NotFound("The console is off on this server.")
+        found = console_asset(name)
+        if found is None:
+            raise NotFound("The console has no such file.")
+        body, content_type = found
+        set_console_headers(request, content_type)  # type: ignore[arg-type]
+        return body
+
     # Errors
 
     @app.handle_errors(TinyMQError)
@@ -261,6 +341,9 @@ class API:
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:
             request.setHeader(b"Retry-After", b"%d" % max(1, round(retry_after)))
+        if isinstance(error, Unauthorized):
+            token = self.auth.token_from_web(request)
+            request.setHeader(b"WWW-Authenticate", www_authenticate(token is not None))
         return _json(request, error.as_dict(), error.status)
 
     @app.handle_errors(_WerkzeugNotFound)
@@ -270,7 +353,8 @@ class API:
 
     @app.handle_errors(_WerkzeugNotAllowed)
     def _not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        allowed = getattr(failure.value, "valid_methods", None) or []
+        allowed = set(getattr(failure.value, "valid_methods", None) or [])
+        allowed.add("OPTIONS")
         request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
         error = MethodNotAllowed("This path does not take that method.")
         return _json(request, error.as_dict(), error.status)

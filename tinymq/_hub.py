@@ -275,7 +275,11 @@ class Hub:
                 call.stop()
         self.flush()
         for subscriber in list(self.subscribers):
-            subscriber.shutdown()
+            try:
+                subscriber.shutdown()
+            except Exception:
+                # One stream that cannot end must not keep others open.
+                self.log.failure("Cannot end a stream at shutdown")
         for group in self._groups.values():
             group.close()
 
@@ -328,8 +332,7 @@ class Hub:
             self._forget_idle_topics()
             if len(self.topics) >= self.config.max_topics:
                 raise Unavailable(
-                    f"The server holds its limit of {self.config.max_topics} "
-                    "topics."
+                    f"The server holds its limit of {self.config.max_topics} topics."
                 )
         topic = self.topics[name] = Topic(name, self.clock.seconds())
         return topic
@@ -508,7 +511,9 @@ class Hub:
         Unsubscribe C{subscriber} from C{patterns}, or from everything if
         none are given.
         """
-        remaining = subscriber.patterns - frozenset(patterns) if patterns else frozenset()
+        remaining = (
+            subscriber.patterns - frozenset(patterns) if patterns else frozenset()
+        )
         self._join(subscriber, remaining)
         if not remaining:
             self.subscribers.discard(subscriber)

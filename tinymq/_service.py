@@ -19,9 +19,11 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from . import __version__
+from ._auth import Authenticator
 from ._config import Config
 from ._http import API
 from ._hub import Hub
+from ._logging import use_json_log
 from ._site import Root, TinyMQSite
 
 
@@ -60,8 +62,13 @@ class Options(usage.Options):
         given["config"] = self["config"]
         try:
             self.config = Config.load(given, os.environ)
+            # Read the key files now, so that a bad one stops the start.
+            Authenticator(self.config)
         except (ValueError, OSError) as error:
             raise usage.UsageError(str(error)) from None
+        if self.config.log_format == "json":
+            # twistd sets up its logging from its own options, after these.
+            use_json_log(self.parent)
 
 
 def endpoint_description(port: str) -> str:
@@ -102,6 +109,7 @@ class TinyMQService(Service):
         super().startService()
         soft, hard = raise_open_file_limit()
         self.log.info("Open file limit: {soft} (hard {hard})", soft=soft, hard=hard)
+        self.log.info("Authentication: {auth}", auth=self.api.auth.describe())
         self.hub.start()
         endpoint = serverFromString(
             self.reactor, endpoint_description(self.config.port)
@@ -134,6 +142,8 @@ class TinyMQService(Service):
         super().stopService()
         stopping = [maybeDeferred(self.port.stopListening)] if self.port else []
         self.hub.stop()
+        if self.api.console is not None:
+            self.api.console.stop()
         closed = self.site.close_connections()
         timeout = self.reactor.callLater(3, closed.cancel)
         closed.addBoth(lambda _: timeout.cancel() if timeout.active() else None)

@@ -20,16 +20,17 @@ from twisted.web.server import Request, Site
 
 from ._config import Config
 from ._errors import (
+    REASONS,
     BadRequest,
     Forbidden,
     HeadersTooLarge,
-    REASONS,
     PayloadTooLarge,
     RequestTimeout,
     TinyMQError,
     TooManyRequests,
     Unavailable,
 )
+from ._logging import log_access
 
 _ALLOWED_METHODS = b"GET, POST, OPTIONS"
 _ALLOWED_HEADERS = b"Content-Type, Authorization, Last-Event-ID, Cache-Control"
@@ -37,17 +38,20 @@ _ALLOWED_HEADERS = b"Content-Type, Authorization, Last-Event-ID, Cache-Control"
 
 def cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, bytes]]:
     """Return the CORS headers for a request from C{origin}."""
+    any_origin = "*" in config.cors_origins and not config.cors_credentials
+    # Caches must know that the answer depends on the Origin header.
+    vary = [] if any_origin else [(b"Vary", b"Origin")]
     if not origin:
-        return []
+        return vary
     try:
         text = origin.decode("ascii")
     except UnicodeDecodeError:
-        return []
+        return vary
     if not config.origin_allowed(text):
-        return []
-    if "*" in config.cors_origins and not config.cors_credentials:
+        return vary
+    if any_origin:
         return [(b"Access-Control-Allow-Origin", b"*")]
-    headers = [(b"Access-Control-Allow-Origin", origin), (b"Vary", b"Origin")]
+    headers = [(b"Access-Control-Allow-Origin", origin)] + vary
     if config.cors_credentials:
         headers.append((b"Access-Control-Allow-Credentials", b"true"))
     return headers
@@ -113,6 +117,13 @@ class TinyMQRequest(Request):
         if self._refused:
             return
         super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        # A stream that the client closed never finishes; log it anyway.
+        site = getattr(self.channel, "site", None)
+        if not self.finished and not self._refused and isinstance(site, TinyMQSite):
+            site.log(self)
+        super().connectionLost(reason)
 
     def _refuse(self) -> None:
         """Answer 413 and close, leaving the rest of the body unread."""
@@ -277,7 +288,12 @@ class TinyMQSite(Site):
         self._all_closed: list[Deferred[None]] = []
 
     def log(self, request: Request) -> None:  # type: ignore[override]
-        """Write no access log line: one per publish is too many."""
+        """
+        Log one combined-format line per finished request when the access
+        log is on; by default it is off: one line per publish is too many.
+        """
+        if self.config.access_log:
+            log_access(request)
 
     def channel_opened(
         self, channel: _Connection, transport: Any
@@ -291,8 +307,7 @@ class TinyMQSite(Site):
         if len(self.channels) >= config.max_connections:
             self.refused += 1
             return Unavailable(
-                f"The server holds its limit of {config.max_connections} "
-                "connections."
+                f"The server holds its limit of {config.max_connections} connections."
             )
         count = self.per_address.get(address, 0)
         limit = config.max_connections_per_address

@@ -18,7 +18,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
 from ._direct import writer_for
-from ._errors import TinyMQError
+from ._errors import TinyMQError, Unauthorized
 from ._hub import Hub
 from ._subscriber import Subscriber
 from ._wire import sse_comment, sse_event
@@ -75,6 +75,15 @@ class SSEStream(Subscriber):
             return
         self.write = writer_for(transport)
         self.chunked = bool(request.chunked)
+
+    def expire_at(self, when: float) -> None:
+        """End the stream with an C{error} event when the token expires."""
+        call = self.hub.clock.callLater(
+            max(0.0, when - self.hub.clock.seconds()),
+            self.error,
+            Unauthorized("The token has expired."),
+        )
+        self.done.addBoth(_cancel, call)
 
     def reset(self, last_id: int) -> None:
         """Send the C{reset} event: history cannot fill the client's gap."""
@@ -151,6 +160,12 @@ class SSEStream(Subscriber):
     def _transport(self) -> Any:
         channel = getattr(self.request, "channel", None)
         return getattr(channel, "transport", None)
+
+
+def _cancel(result: object, call: Any) -> object:
+    if call.active():
+        call.cancel()
+    return result
 
 
 def _abort_if_open(transport: Any) -> None:

@@ -37,9 +37,7 @@ def validate_topic(name: str) -> str:
     """
     for segment in _segments(name, "topic"):
         if segment in ("*", ">"):
-            raise InvalidTopic(
-                "Wildcards are for subscribing; publish to one topic."
-            )
+            raise InvalidTopic("Wildcards are for subscribing; publish to one topic.")
         if not _SEGMENT.match(segment):
             raise InvalidTopic(
                 "A topic is made of segments of A-Z, a-z, 0-9, '_' and '-' "

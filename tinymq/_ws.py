@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import unquote
 
 import txaio
 from autobahn.twisted.resource import WebSocketResource
@@ -19,17 +20,25 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import IDelayedCall
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
+from ._auth import (
+    ALLOW_ALL,
+    Authenticator,
+    Grant,
+    authorize_publish,
+    authorize_subscribe,
+)
 from ._config import Config
 from ._direct import writer_for
 from ._errors import (
     BadRequest,
     Forbidden,
     InvalidPayload,
+    PayloadTooLarge,
     TinyMQError,
-    TooManyRequests,
 )
 from ._hub import Hub
 from ._limits import RateLimiter, check_publish_rate
@@ -41,6 +50,7 @@ txaio.use_twisted()
 txaio.set_global_log_level("info")
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 
 
@@ -55,9 +65,7 @@ class WebSocketSubscriber(Subscriber):
         max_rate: float | None = None,
     ) -> None:
         assert protocol.transport is not None
-        super().__init__(
-            protocol.hub, writer_for(protocol.transport), policy, max_rate
-        )
+        super().__init__(protocol.hub, writer_for(protocol.transport), policy, max_rate)
         self.protocol = protocol
         self.fmt = "ws-envelope" if envelope else "ws"
 
@@ -76,12 +84,12 @@ class WebSocketSubscriber(Subscriber):
     def overflow(self) -> None:
         """Close with 1013: the client reads too slowly."""
         self.gone()
-        self.protocol.sendClose(CLOSE_TRY_AGAIN_LATER, "backlog full: read faster")
+        self.protocol.close_with(CLOSE_TRY_AGAIN_LATER, "backlog full: read faster")
 
     def shutdown(self) -> None:
         """Close with 1001: the server is going away."""
         self.gone()
-        self.protocol.sendClose(CLOSE_GOING_AWAY, "server shutting down")
+        self.protocol.close_with(CLOSE_GOING_AWAY, "server shutting down")
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once."""
@@ -107,6 +115,8 @@ class _BaseProtocol(WebSocketServerProtocol):
     factory: TinyMQWebSocketFactory
     subscriber: WebSocketSubscriber | None = None
     on_lost: Any = None
+    grant: Grant = ALLOW_ALL
+    _expiry: IDelayedCall | None = None
 
     @property
     def hub(self) -> Hub:
@@ -116,7 +126,11 @@ class _BaseProtocol(WebSocketServerProtocol):
         origin = request.headers.get("origin")
         if origin and not self.factory.config.origin_allowed(origin):
             raise ConnectionDeny(403, "Origin not allowed")
+        auth = self.factory.auth
         try:
+            self.grant = auth.authenticate(
+                auth.token_from_handshake(request), self.hub.clock.seconds()
+            )
             self.accept(request)
         except TinyMQError as error:
             raise ConnectionDeny(error.status, error.message) from None
@@ -127,6 +141,14 @@ class _BaseProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         assert self.transport is not None
+        expires = self.grant.expires
+        if expires is not None:
+            self._expiry = self.hub.clock.callLater(
+                max(0.0, expires - self.hub.clock.seconds()),
+                self.close_with,
+                CLOSE_POLICY_VIOLATION,
+                "token expired",
+            )
         subscriber = self.make_subscriber()
         self.subscriber = subscriber
         # The HTTP channel was the transport's producer until the upgrade.
@@ -143,6 +165,8 @@ class _BaseProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.subscriber is not None:
             self.subscriber.gone()
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
@@ -150,13 +174,22 @@ class _BaseProtocol(WebSocketServerProtocol):
             on_lost, self.on_lost = self.on_lost, None
             on_lost(reason)
 
+    def close_with(self, code: int, reason: str) -> None:
+        """
+        Start the closing handshake with any close code of RFC 6455;
+        Autobahn's C{sendClose} takes only 1000 and 3000-4999.
+        """
+        # A close reason is at most 123 bytes; cut between characters.
+        cut = reason.encode("utf-8")[:123].decode("utf-8", "ignore")
+        self.sendCloseFrame(code, cut.encode("utf-8"), isReply=False)
+
     def check_rate(self) -> None:
         """Count one publish against this client's rate limit."""
         assert self.transport is not None
         check_publish_rate(
             self.factory.limiter,
             self.factory.config,
-            None,
+            self.grant.subject,
             self.transport.getPeer(),
         )
 
@@ -197,7 +230,8 @@ class TopicProtocol(_BaseProtocol):
         parts = request.path.split("/")
         if len(parts) != 5 or parts[1:3] != ["api", "topics"] or parts[4] != "ws":
             raise BadRequest("The path is /api/topics/{pattern}/ws.")
-        self.pattern = validate_pattern(parts[3])
+        self.pattern = validate_pattern(unquote(parts[3]))
+        authorize_subscribe(self.grant, self.pattern)
         params = request.params
         self.last = _query_int(params, "last")
         self.policy, self.max_rate = self.policy_options(
@@ -215,18 +249,19 @@ class TopicProtocol(_BaseProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            self.sendClose(1003, "Send text frames.")
+            self.close_with(1003, "Send text frames.")
             return
         if is_wildcard(self.pattern):
-            self.sendClose(1008, "Cannot publish to a pattern.")
+            self.close_with(1008, "Cannot publish to a pattern.")
             return
         if not payload.strip():
-            self.sendClose(1007, "Empty messages are not published.")
+            self.close_with(1007, "Empty messages are not published.")
             return
         try:
+            authorize_publish(self.grant, self.pattern, self.hub.clock.seconds())
             self.check_rate()
-        except TooManyRequests as error:
-            self.sendClose(error.close_code, "Over the publish rate limit.")
+        except TinyMQError as error:
+            self.close_with(error.close_code, error.message[:120])
             return
         self.hub.publish(self.pattern, payload)
 
@@ -267,6 +302,7 @@ class CommandProtocol(_BaseProtocol):
         subscriber = self.subscriber
         assert subscriber is not None
         pattern = validate_pattern(command.get("topic"))  # type: ignore[arg-type]
+        authorize_subscribe(self.grant, pattern, self.hub.clock.seconds())
         last = command.get("last", 0)
         if not isinstance(last, int) or isinstance(last, bool) or last < 0:
             raise BadRequest("'last' is a whole number, 0 or more.")
@@ -303,6 +339,7 @@ class CommandProtocol(_BaseProtocol):
 
     def _publish(self, command: dict[str, Any]) -> dict[str, Any]:
         topic = validate_topic(command.get("topic"))  # type: ignore[arg-type]
+        authorize_publish(self.grant, topic, self.hub.clock.seconds())
         self.check_rate()
         if "data" not in command:
             raise InvalidPayload("A publish command carries 'data'.")
@@ -311,8 +348,9 @@ class CommandProtocol(_BaseProtocol):
         except ValueError:
             raise InvalidPayload("'data' must be plain JSON.") from None
         payload = text.encode("utf-8")
-        if len(payload) > self.factory.config.max_message_size:
-            raise InvalidPayload("The message is over the size limit.")
+        limit = self.factory.config.max_message_size
+        if len(payload) > limit:
+            raise PayloadTooLarge(f"The message is over the limit of {limit} bytes.")
         message = self.hub.publish(topic, payload)
         return {"type": "published", "topic": topic, "id": str(message.id)}
 
@@ -331,13 +369,19 @@ class TinyMQWebSocketFactory(WebSocketServerFactory):
     """A WebSocket factory that knows the hub and the server's settings."""
 
     def __init__(
-        self, hub: Hub, config: Config, protocol: type, limiter: RateLimiter
+        self,
+        hub: Hub,
+        config: Config,
+        protocol: type,
+        limiter: RateLimiter,
+        auth: Authenticator,
     ) -> None:
         super().__init__()
         self.hub = hub
         self.config = config
         self.protocol = protocol
         self.limiter = limiter
+        self.auth = auth
         self.setProtocolOptions(
             maxMessagePayloadSize=config.max_message_size,
             maxFramePayloadSize=config.max_message_size,

@@ -120,7 +120,6 @@ def test_posted_json_reaches_eventsource_and_websocket(
     assert events(reports, "ws", "error") == []
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason="resume: issue 4")
 def test_eventsource_resumes_after_the_connection_drops(
     chromium: str, broker: Broker, page_server: PageServer, tmp_path: Path
 ) -> None:

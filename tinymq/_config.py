@@ -142,6 +142,13 @@ class Config:
         _positive_float,
         "Seconds a subscriber may read nothing while data waits for it.",
     )
+    send_buffer: int = _setting(
+        262144,
+        _positive_int,
+        "Kernel send buffer of each connection, in bytes (SO_SNDBUF), so a "
+        "client that stops reading holds a bounded amount of kernel memory; "
+        "0 leaves it to the kernel.",
+    )
     max_topics: int = _setting(100000, _positive_int, "Topics that may exist at once.")
     max_subscriptions: int = _setting(
         100, _positive_int, "Topics or patterns one connection may follow."

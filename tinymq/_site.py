@@ -245,12 +245,18 @@ def _connection_factory(site: Site) -> _Connection:
     return _Connection(TinyMQChannel())
 
 
-def _tune_socket(transport: Any, send_timeout: float) -> None:
-    """Notice peers that vanished without a FIN."""
+def _tune_socket(transport: Any, config: Config) -> None:
+    """
+    Notice peers that vanished without a FIN, and bound the kernel memory
+    a client that stops reading can hold.
+    """
     handle = getattr(transport, "getHandle", lambda: None)()
     if not isinstance(handle, socket.socket):
         return
+    send_timeout = config.stall_timeout
     try:
+        if config.send_buffer:
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer)
         handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
         handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
@@ -320,7 +326,7 @@ class TinyMQSite(Site):
         self.channels.add(channel)
         self.per_address[address] = count + 1
         channel.client_address = address  # type: ignore[attr-defined]
-        _tune_socket(transport, config.stall_timeout)
+        _tune_socket(transport, config)
         return None
 
     def channel_closed(self, channel: _Connection) -> None:

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -185,6 +185,11 @@ class API:
         policy = _arg(request, "policy")
         max_rate = _arg(request, "max_rate")
         policy, rate = self._policy_options(policy, max_rate)
+        if request.method == b"HEAD":
+            # The headers of a stream, without opening one.
+            request.setHeader(b"Content-Type", b"text/event-stream")
+            request.setHeader(b"Cache-Control", b"no-cache")
+            return succeed(None)
         stream = SSEStream(self.hub, request, envelope, policy, rate)  # type: ignore[arg-type]
         done = stream.open(patterns, last, since_text)
         if grant.expires is not None:

@@ -165,6 +165,8 @@ class _Group:
         if hub.on_delivery is not None:
             hub.on_delivery(messages, len(self.subscribers))
 
+    # LIMITATION(L-003): a held value is sent after newer ones of other
+    # topics, so a rate-limited stream is not in id order.
     def _limit_rate(self, messages: list[Message]) -> list[Message]:
         now = self.hub.clock.seconds()
         ready = []
@@ -219,6 +221,8 @@ class Hub:
     Routes published messages to subscribers, keeps history, and applies
     the slow-consumer policy.
     """
+
+    # LIMITATION(L-008): one process; history lives in this process only.
 
     log = Logger()
 
@@ -473,9 +477,11 @@ class Hub:
         self, topic_name: str, since: str | None = None, limit: int = 100
     ) -> list[Message]:
         """Return up to C{limit} kept messages of a topic after C{since}."""
+        # LIMITATION(L-009): a gap before the oldest kept message is not
+        # reported to the poller.
         self._expire(self.clock.seconds())
         topic = self.topics.get(topic_name)
-        if topic is None:
+        if topic is None or limit <= 0:
             return []
         after = parse_id(since) if since is not None else 0
         found = [m for m in topic.history if m.id > after]
@@ -498,6 +504,7 @@ class Hub:
         """
         new = frozenset(patterns) - subscriber.patterns
         self.flush()
+        # LIMITATION(L-004): the replay is not rate-limited by max_rate.
         replayed, reset = self.replay(new, last, since)
         self.subscribers.add(subscriber)
         self._join(subscriber, subscriber.patterns | new)

@@ -49,9 +49,10 @@ def cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, byte
         return vary
     if not config.origin_allowed(text):
         return vary
+    expose = (b"Access-Control-Expose-Headers", b"Retry-After, WWW-Authenticate")
     if any_origin:
-        return [(b"Access-Control-Allow-Origin", b"*")]
-    headers = [(b"Access-Control-Allow-Origin", origin)] + vary
+        return [(b"Access-Control-Allow-Origin", b"*"), expose]
+    headers = [(b"Access-Control-Allow-Origin", origin), expose] + vary
     if config.cors_credentials:
         headers.append((b"Access-Control-Allow-Credentials", b"true"))
     return headers
@@ -157,14 +158,14 @@ class TinyMQChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
+        # The clock for the headers starts at their first byte, so that a
+        # request line sent a byte at a time is cut off too.
+        if self._header_deadline is None and self.line_mode:
+            if not self._handlingRequest:
+                timeout = self.site.config.header_timeout
+                if timeout > 0:
+                    self._header_deadline = self.callLater(timeout, self._headers_late)
         super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._header_deadline is None and not self._refused:
-            timeout = self.site.config.header_timeout
-            if timeout > 0:
-                self._header_deadline = self.callLater(timeout, self._headers_late)
-        super().lineReceived(line)
 
     def allHeadersReceived(self) -> None:
         self._cancel_deadline()
@@ -272,6 +273,7 @@ def _tune_socket(transport: Any, config: Config) -> None:
         pass
 
 
+# LIMITATION(L-007): behind a proxy this is the proxy's address.
 def client_address(transport: Any) -> str:
     """Return the client's IP address as text, or '' if it has none."""
     peer = transport.getPeer() if transport is not None else None
@@ -375,14 +377,21 @@ class Root(Resource):
             request.setHeader(name, value)
         if request.method == b"OPTIONS":
             return self._preflight(request, origin)
+        if origin and not self.config.origin_allowed(origin.decode("latin-1")):
+            # A page from another site could otherwise publish, or read
+            # with the visitor's cookie, by a simple request.
+            return self._refuse_origin(request)
         return self.api.render(request)
+
+    def _refuse_origin(self, request: Request) -> bytes:
+        error = Forbidden("This origin is not allowed.")
+        request.setResponseCode(error.status, REASONS[error.status])
+        request.setHeader(b"Content-Type", b"application/json")
+        return error.as_json()
 
     def _preflight(self, request: Request, origin: bytes | None) -> bytes:
         if origin and not self.config.origin_allowed(origin.decode("latin-1")):
-            error = Forbidden("This origin is not allowed.")
-            request.setResponseCode(error.status)
-            request.setHeader(b"Content-Type", b"application/json")
-            return error.as_json()
+            return self._refuse_origin(request)
         request.setResponseCode(204)
         request.setHeader(b"Allow", _ALLOWED_METHODS)
         if origin:

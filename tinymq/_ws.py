@@ -122,6 +122,7 @@ class _BaseProtocol(WebSocketServerProtocol):
     def hub(self) -> Hub:
         return self.factory.hub
 
+    # LIMITATION(L-010): a refused handshake shows the browser only 1006.
     def onConnect(self, request: ConnectionRequest) -> Any:
         origin = request.headers.get("origin")
         if origin and not self.factory.config.origin_allowed(origin):
@@ -221,6 +222,8 @@ class _BaseProtocol(WebSocketServerProtocol):
 class TopicProtocol(_BaseProtocol):
     """C{/api/topics/{pattern}/ws}: raw payloads in and out."""
 
+    # LIMITATION(L-001): raw frames carry no ids, so this socket cannot resume.
+
     pattern = ""
     last = 0
     policy: str | None = None
@@ -260,10 +263,9 @@ class TopicProtocol(_BaseProtocol):
         try:
             authorize_publish(self.grant, self.pattern, self.hub.clock.seconds())
             self.check_rate()
+            self.hub.publish(self.pattern, payload)
         except TinyMQError as error:
-            self.close_with(error.close_code, error.message[:120])
-            return
-        self.hub.publish(self.pattern, payload)
+            self.close_with(error.close_code, error.message)
 
 
 class CommandProtocol(_BaseProtocol):
@@ -325,6 +327,8 @@ class CommandProtocol(_BaseProtocol):
         if "ref" in command:
             reply["ref"] = command["ref"]
         self.send_json(reply)
+        # LIMITATION(L-002): ids are ordered per subscription, not across
+        # the subscriptions of one connection.
         self.hub.attach(subscriber, [pattern], last, since)
         return None
 
@@ -388,6 +392,8 @@ class TinyMQWebSocketFactory(WebSocketServerFactory):
             autoPingInterval=config.heartbeat or None,
             autoPingTimeout=max(config.heartbeat, 5.0) if config.heartbeat else None,
             openHandshakeTimeout=10,
+            # Close with 1007/1009 and a reason rather than just dropping.
+            failByDrop=False,
             closeHandshakeTimeout=2,
         )
 

@@ -208,15 +208,19 @@ def test_origin_allowed(origin: str, allowed: bool) -> None:
 @pytest.mark.parametrize(
     ("port", "description"),
     [
-        ("7800", "tcp:7800"),
-        (" 0 ", "tcp:0"),
-        ("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"),
+        ("7800", "tcp:7800:backlog=1024"),
+        (" 0 ", "tcp:0:backlog=1024"),
+        ("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1:backlog=1024"),
+        ("tcp:0:backlog=5", "tcp:0:backlog=5"),
         ("unix:/tmp/tinymq.sock", "unix:/tmp/tinymq.sock"),
-        ("ssl:7443:privateKey=k.pem", "ssl:7443:privateKey=k.pem"),
+        ("ssl:7443:privateKey=k.pem", "ssl:7443:privateKey=k.pem:backlog=1024"),
     ],
 )
 def test_endpoint_description(port: str, description: str) -> None:
-    """A bare port number becomes tcp:<n>; a description is kept as it is."""
+    """
+    A bare port number becomes a TCP description; TCP and TLS listeners get
+    a backlog of 1024 unless they name one; other descriptions are kept.
+    """
 
     assert endpoint_description(port) == description
 
@@ -269,7 +273,7 @@ def test_options_config_file(tmp_path: Path) -> None:
     options.parseOptions(["-c", path])
 
     assert options.config.history_size == 3
-    assert endpoint_description(options.config.port) == "tcp:7900"
+    assert endpoint_description(options.config.port) == "tcp:7900:backlog=1024"
 
 
 @pytest.mark.parametrize(

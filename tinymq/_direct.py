@@ -24,7 +24,7 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
     its socket when the transport has nothing buffered.
     """
     write: Callable[[bytes], None] = transport.write
-    if not isinstance(transport, tcp.Connection):
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
         return write
     sock = getattr(transport, "socket", None)
     if not isinstance(sock, socket.socket) or not hasattr(transport, "dataBuffer"):

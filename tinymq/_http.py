@@ -58,7 +58,9 @@ _MAX_LAST = 1000
 def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
     request.setResponseCode(status, REASONS.get(status))
     request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(obj).encode("utf-8")
+    body = json.dumps(obj).encode("utf-8")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
 
 
 def _arg(request: IRequest, name: str) -> str | None:

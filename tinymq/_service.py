@@ -72,9 +72,17 @@ class Options(usage.Options):
 
 
 def endpoint_description(port: str) -> str:
-    """Turn a bare port number into a TCP endpoint description."""
+    """
+    Turn a bare port number into a TCP endpoint description, and give TCP
+    and TLS listeners a listen backlog fit for thousands of subscribers
+    unless the description sets one.
+    """
     port = port.strip()
-    return f"tcp:{port}" if port.isdigit() else port
+    if port.isdigit():
+        port = f"tcp:{port}"
+    if port.split(":", 1)[0] in ("tcp", "ssl") and "backlog=" not in port:
+        port += ":backlog=1024"
+    return port
 
 
 def raise_open_file_limit() -> tuple[int, int]:

@@ -98,6 +98,8 @@ class TinyMQRequest(Request):
 
     _refused = False
     _received = 0
+    # A publish body is the message itself, never a form to parse.
+    _parsePOSTFormSubmission = False
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > _config_of(self.channel).max_message_size:
@@ -256,6 +258,8 @@ def _tune_socket(transport: Any, config: Config) -> None:
         return
     send_timeout = config.stall_timeout
     try:
+        # Small frames go out at once; the hub already batches per turn.
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if config.send_buffer:
             handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer)
         handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

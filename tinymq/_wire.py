@@ -19,6 +19,9 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+_BROWSER_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def is_json(text: str | bytes) -> bool:
     """
     Tell whether C{text} is one JSON value that a browser's C{JSON.parse}
@@ -31,7 +34,7 @@ def is_json(text: str | bytes) -> bool:
         except UnicodeDecodeError:
             return False
     try:
-        json.loads(text, parse_constant=_refuse_constant)
+        _BROWSER_JSON.decode(text)
     except ValueError:
         return False
     return True

@@ -13,7 +13,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed as _WerkzeugNotAllowed
 from werkzeug.exceptions import NotFound as _WerkzeugNotFound
 
@@ -102,10 +101,10 @@ class API:
         self.config = config
         self.limiter = RateLimiter(hub.clock, config.publish_rate, config.publish_burst)
         self.auth = Authenticator(config)
-        self.topic_ws = WebSocketEndpoint(
+        self.topic_ws = WebSocketEndpoint(  # type: ignore[no-untyped-call]
             TinyMQWebSocketFactory(hub, config, TopicProtocol, self.limiter, self.auth)
         )
-        self.command_ws = WebSocketEndpoint(
+        self.command_ws = WebSocketEndpoint(  # type: ignore[no-untyped-call]
             TinyMQWebSocketFactory(
                 hub, config, CommandProtocol, self.limiter, self.auth
             )
@@ -223,13 +222,13 @@ class API:
         return policy, rate
 
     @app.route("/api/topics/<pattern>/ws", methods=["GET"])
-    def topic_websocket(self, request: IRequest, pattern: str) -> Resource:
+    def topic_websocket(self, request: IRequest, pattern: str) -> WebSocketEndpoint:
         """Open a WebSocket bound to one topic or pattern."""
         validate_pattern(pattern)
         return self.topic_ws
 
     @app.route("/ws", methods=["GET"])
-    def command_websocket(self, request: IRequest) -> Resource:
+    def command_websocket(self, request: IRequest) -> WebSocketEndpoint:
         """Open a WebSocket that speaks the JSON command protocol."""
         return self.command_ws
 

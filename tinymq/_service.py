@@ -114,7 +114,7 @@ class TinyMQService(Service):
         self.listening: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         soft, hard = raise_open_file_limit()
         self.log.info("Open file limit: {soft} (hard {hard})", soft=soft, hard=hard)
         self.log.info("Authentication: {auth}", auth=self.api.auth.describe())
@@ -147,7 +147,7 @@ class TinyMQService(Service):
             self.reactor.stop()
 
     def stopService(self) -> Deferred[Any]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         stopping = [maybeDeferred(self.port.stopListening)] if self.port else []
         self.hub.stop()
         if self.api.console is not None:

@@ -10,10 +10,13 @@ the same JSON error body the API uses, and the connection is closed.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -34,6 +37,8 @@ from ._logging import log_access
 
 _ALLOWED_METHODS = b"GET, POST, OPTIONS"
 _ALLOWED_HEADERS = b"Content-Type, Authorization, Last-Event-ID, Cache-Control"
+
+_CallLater = Callable[[float, Callable[[], None]], IDelayedCall]
 
 
 def cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, bytes]]:
@@ -105,7 +110,7 @@ class TinyMQRequest(Request):
         if length is not None and length > _config_of(self.channel).max_message_size:
             self._refuse()
             return
-        super().gotLength(length)
+        super().gotLength(length)  # type: ignore[no-untyped-call]
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -114,19 +119,19 @@ class TinyMQRequest(Request):
         if self._received > _config_of(self.channel).max_message_size:
             self._refuse()
             return
-        super().handleContentChunk(data)
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
-        super().requestReceived(command, path, version)
+        super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Any) -> None:
         # A stream that the client closed never finishes; log it anyway.
         site = getattr(self.channel, "site", None)
         if not self.finished and not self._refused and isinstance(site, TinyMQSite):
             site.log(self)
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def _refuse(self) -> None:
         """Answer 413 and close, leaving the rest of the body unread."""
@@ -152,7 +157,7 @@ class TinyMQChannel(HTTPChannel):
     _refused = False
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        super().connectionMade()  # type: ignore[no-untyped-call]
         config = self.site.config
         self.totalHeadersSize = config.max_header_size
         self.MAX_LENGTH = config.max_header_size
@@ -166,12 +171,13 @@ class TinyMQChannel(HTTPChannel):
             if not self._handlingRequest:
                 timeout = self.site.config.header_timeout
                 if timeout > 0:
-                    self._header_deadline = self.callLater(timeout, self._headers_late)
-        super().dataReceived(data)
+                    call_later = cast(_CallLater, self.callLater)
+                    self._header_deadline = call_later(timeout, self._headers_late)
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def allHeadersReceived(self) -> None:
         self._cancel_deadline()
-        super().allHeadersReceived()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
 
     def _cancel_deadline(self) -> None:
         if self._header_deadline is not None:
@@ -204,9 +210,9 @@ class TinyMQChannel(HTTPChannel):
             error = BadRequest("The request is not valid HTTP/1.1.")
         write_error(self.transport, error)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
 class _Connection(_GenericHTTPChannelProtocol):  # type: ignore[misc]
@@ -228,7 +234,7 @@ class _Connection(_GenericHTTPChannelProtocol):  # type: ignore[misc]
 
     def dataReceived(self, data: bytes) -> None:
         if not self._refused:
-            super().dataReceived(data)
+            super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Any) -> None:
         self.site.channel_closed(self)
@@ -245,7 +251,7 @@ class _Connection(_GenericHTTPChannelProtocol):  # type: ignore[misc]
 
 
 def _connection_factory(site: Site) -> _Connection:
-    return _Connection(TinyMQChannel())
+    return _Connection(TinyMQChannel())  # type: ignore[no-untyped-call]
 
 
 def _tune_socket(transport: Any, config: Config) -> None:
@@ -292,7 +298,7 @@ class TinyMQSite(Site):
     noisy = False
 
     def __init__(self, resource: IResource, config: Config) -> None:
-        super().__init__(resource, timeout=60)
+        super().__init__(resource, timeout=60)  # type: ignore[no-untyped-call]
         self.config = config
         self.channels: set[_Connection] = set()
         self.per_address: dict[str, int] = {}
@@ -371,7 +377,7 @@ class Root(Resource):
     isLeaf = True
 
     def __init__(self, api: IResource, config: Config) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.api = api
         self.config = config
 

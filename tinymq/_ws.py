@@ -10,7 +10,7 @@ subscriber writes the hub's prepared frames straight to the transport.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 import txaio
@@ -20,7 +20,9 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IConsumer, IDelayedCall, ITCPTransport
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
@@ -47,7 +49,7 @@ from ._topics import is_wildcard, validate_pattern, validate_topic
 
 txaio.use_twisted()
 # Autobahn logs every frame at debug level; the broker logs at info.
-txaio.set_global_log_level("info")
+txaio.set_global_log_level("info")  # type: ignore[attr-defined]
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
@@ -95,7 +97,7 @@ class WebSocketSubscriber(Subscriber):
         """Drop the connection at once."""
         self.gone()
         if self.protocol.transport is not None:
-            self.protocol.transport.abortConnection()
+            cast(ITCPTransport, self.protocol.transport).abortConnection()
 
 
 def _query_int(params: dict[str, list[str]], name: str) -> int:
@@ -153,8 +155,9 @@ class _BaseProtocol(WebSocketServerProtocol):
         subscriber = self.make_subscriber()
         self.subscriber = subscriber
         # The HTTP channel was the transport's producer until the upgrade.
-        self.transport.unregisterProducer()
-        self.transport.registerProducer(subscriber, True)
+        consumer = cast(IConsumer, self.transport)
+        consumer.unregisterProducer()
+        consumer.registerProducer(subscriber, True)
         self.opened(subscriber)
 
     def make_subscriber(self) -> WebSocketSubscriber:
@@ -169,7 +172,7 @@ class _BaseProtocol(WebSocketServerProtocol):
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         if self.on_lost is not None:
             on_lost, self.on_lost = self.on_lost, None
@@ -196,7 +199,8 @@ class _BaseProtocol(WebSocketServerProtocol):
 
     def send_json(self, obj: dict[str, Any]) -> None:
         """Send one JSON text frame."""
-        self.sendMessage(json.dumps(obj).encode("utf-8"))
+        payload = json.dumps(obj).encode("utf-8")
+        self.sendMessage(payload)  # type: ignore[no-untyped-call]
 
     def policy_options(
         self, policy: object, max_rate: object
@@ -376,17 +380,17 @@ class TinyMQWebSocketFactory(WebSocketServerFactory):
         self,
         hub: Hub,
         config: Config,
-        protocol: type,
+        protocol: type[_BaseProtocol],
         limiter: RateLimiter,
         auth: Authenticator,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.hub = hub
         self.config = config
         self.protocol = protocol
         self.limiter = limiter
         self.auth = auth
-        self.setProtocolOptions(
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]
             maxMessagePayloadSize=config.max_message_size,
             maxFramePayloadSize=config.max_message_size,
             autoPingInterval=config.heartbeat or None,
@@ -407,7 +411,7 @@ class WebSocketEndpoint(WebSocketResource):
             channel.setTimeout(None)
         transport = channel.transport
         connection = _protocol_of(transport)
-        result = super().render(request)
+        result = super().render(request)  # type: ignore[no-untyped-call]
         protocol = _protocol_of(transport)
         if isinstance(protocol, _BaseProtocol) and protocol is not connection:
             # The WebSocket protocol replaced the HTTP connection on the

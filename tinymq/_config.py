@@ -48,7 +48,11 @@ def _origins(text: object) -> tuple[str, ...]:
         items = [str(item) for item in text]
     else:
         items = str(text).replace(",", " ").split()
-    return tuple(item.rstrip("/") for item in items if item)
+    origins = tuple(item.rstrip("/") for item in items if item)
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port]")
+    return origins
 
 
 def _words(text: object) -> tuple[str, ...]:
@@ -195,8 +199,9 @@ class Config:
     publish_rate: float = _setting(
         1000.0,
         _positive_float,
-        "Publishes per second allowed per API key or client address "
-        "(trusted addresses are exempt); 0 turns the limit off.",
+        "Publishes per second allowed per API key, per JWT subject, or else "
+        "per client address (trusted addresses are exempt); 0 turns the "
+        "limit off.",
     )
     publish_burst: int = _setting(
         2000, _positive_int, "Publishes allowed in a burst above the rate."
@@ -213,6 +218,11 @@ class Config:
         10.0,
         _positive_float,
         "Seconds a client has to send its request headers.",
+    )
+    body_timeout: float = _setting(
+        30.0,
+        _positive_float,
+        "Seconds a client has to send a request body once its headers are in.",
     )
     access_log: bool = _setting(
         False, _boolean, "Log one line per HTTP request, in combined format."
@@ -291,6 +301,12 @@ class Config:
                 "--cors-credentials needs an explicit list of --cors-origins, not '*'"
             )
 
-    def origin_allowed(self, origin: str) -> bool:
-        """Tell whether a browser page from C{origin} may use the broker."""
-        return "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
+    def origin_allowed(self, origin: str, host: str | None = None) -> bool:
+        """
+        Tell whether a browser page from C{origin} may use the broker; a
+        page served by the broker itself, at C{host}, always may.
+        """
+        origin = origin.rstrip("/")
+        if "*" in self.cors_origins or origin in self.cors_origins:
+            return True
+        return host is not None and origin in (f"http://{host}", f"https://{host}")

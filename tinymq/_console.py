@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
@@ -177,8 +177,11 @@ class ConsoleFeed:
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = hub.clock
 
-    def open(self, request: Request) -> Deferred[None]:
-        """Start a feed on C{request}; the Deferred fires when it ends."""
+    def open(self, request: Request, expires: float | None = None) -> Deferred[None]:
+        """
+        Start a feed on C{request}; the Deferred fires when it ends, at the
+        latest when the token expires at C{expires}.
+        """
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")
@@ -197,6 +200,10 @@ class ConsoleFeed:
         stream.send(self.latest)
         if not self._ticker.running:
             self._ticker.start(self.interval, now=False)
+        if expires is not None:
+            clock = self.hub.clock
+            expiry = clock.callLater(max(0.0, expires - clock.seconds()), stream.end)
+            stream.done.addBoth(_cancel_call, expiry)
         return stream.done
 
     def _event(self) -> bytes:
@@ -220,3 +227,9 @@ class ConsoleFeed:
             self._ticker.stop()
         for stream in list(self.streams):
             stream.end()
+
+
+def _cancel_call(result: object, call: IDelayedCall) -> object:
+    if call.active():
+        call.cancel()
+    return result

@@ -320,8 +320,9 @@ class API:
         """Stream the server's figures to a console, once a second."""
         if self.console is None:
             raise NotFound("The console is off on this server.")
-        authorize_subscribe(self._grant(request), ">")
-        return self.console.open(request)  # type: ignore[arg-type]
+        grant = self._grant(request)
+        authorize_subscribe(grant, ">")
+        return self.console.open(request, grant.expires)  # type: ignore[arg-type]
 
     @app.route("/console/<name>", methods=["GET"])
     def console_static(self, request: IRequest, name: str) -> bytes:

@@ -4,6 +4,7 @@ The twistd service: command-line options in, a listening broker out.
 
 from __future__ import annotations
 
+import atexit
 import os
 import resource
 from typing import Any
@@ -117,6 +118,13 @@ class TinyMQService(Service):
         super().startService()  # type: ignore[no-untyped-call]
         soft, hard = raise_open_file_limit()
         self.log.info("Open file limit: {soft} (hard {hard})", soft=soft, hard=hard)
+        if self.config.max_connections > soft:
+            self.log.warn(
+                "max_connections is {limit} but the open file limit is "
+                "{soft}: connections past it will fail to be accepted",
+                limit=self.config.max_connections,
+                soft=soft,
+            )
         self.log.info("Authentication: {auth}", auth=self.api.auth.describe())
         self.hub.start()
         endpoint = serverFromString(
@@ -143,8 +151,13 @@ class TinyMQService(Service):
             error=failure.getErrorMessage(),
         )
         self.listening.errback(failure)
+        # A broker that cannot listen must not look healthy to a
+        # supervisor: stop, and exit with status 1.
+        atexit.register(os._exit, 1)
         if self.reactor.running:
             self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()  # type: ignore[no-untyped-call]

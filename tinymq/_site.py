@@ -178,6 +178,25 @@ class TinyMQChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._cancel_deadline()
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
+        # The body gets its own deadline, so that a body sent a byte at a
+        # time cannot hold the connection either.
+        timeout = self.site.config.body_timeout
+        if timeout > 0 and not self._refused:
+            call_later = cast(_CallLater, self.callLater)
+            self._header_deadline = call_later(timeout, self._body_late)
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        super().allContentReceived()  # type: ignore[no-untyped-call]
+
+    def _body_late(self) -> None:
+        self._header_deadline = None
+        self._refused = True
+        timeout = self.site.config.body_timeout
+        write_error(
+            self.transport,
+            RequestTimeout(f"The request body took longer than {timeout:g} s."),
+        )
 
     def _cancel_deadline(self) -> None:
         if self._header_deadline is not None:
@@ -387,7 +406,8 @@ class Root(Resource):
             request.setHeader(name, value)
         if request.method == b"OPTIONS":
             return self._preflight(request, origin)
-        if origin and not self.config.origin_allowed(origin.decode("latin-1")):
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        if origin and not self.config.origin_allowed(origin.decode("latin-1"), host):
             # A page from another site could otherwise publish, or read
             # with the visitor's cookie, by a simple request.
             return self._refuse_origin(request)

@@ -73,6 +73,7 @@ class Subscriber:
 
     def send(self, messages: list[Message]) -> None:
         """Send C{messages} to this subscriber alone, or hold them."""
+        self.hub.delivered += len(messages)
         if self.paused:
             self.hold(messages)
         elif self.group is not None:

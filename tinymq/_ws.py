@@ -127,7 +127,8 @@ class _BaseProtocol(WebSocketServerProtocol):
     # LIMITATION(L-010): a refused handshake shows the browser only 1006.
     def onConnect(self, request: ConnectionRequest) -> Any:
         origin = request.headers.get("origin")
-        if origin and not self.factory.config.origin_allowed(origin):
+        host = request.headers.get("host")
+        if origin and not self.factory.config.origin_allowed(origin, host):
             raise ConnectionDeny(403, "Origin not allowed")
         auth = self.factory.auth
         try:
@@ -183,6 +184,9 @@ class _BaseProtocol(WebSocketServerProtocol):
         Start the closing handshake with any close code of RFC 6455;
         Autobahn's C{sendClose} takes only 1000 and 3000-4999.
         """
+        # Nothing more is sent after the close frame.
+        if self.subscriber is not None:
+            self.subscriber.gone()
         # A close reason is at most 123 bytes; cut between characters.
         cut = reason.encode("utf-8")[:123].decode("utf-8", "ignore")
         self.sendCloseFrame(code, cut.encode("utf-8"), isReply=False)

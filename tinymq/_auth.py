@@ -582,7 +582,17 @@ def redact_query(uri: bytes) -> bytes:
             if equals and _is_token_name(name):
                 fields[index] = b";".join([*parts[:at], name + b"=***"])
                 break
+            if _looks_like_token(part):
+                # A mangled field such as token%3D<secret>: no parser
+                # reads it as a token, but it may still hold one.
+                fields[index] = b";".join([*parts[:at], b"***"])
+                break
     return path + mark + b"&".join(fields)
+
+
+def _looks_like_token(part: bytes) -> bool:
+    decoded = unquote_to_bytes(part.replace(b"+", b" ")).strip().lower()
+    return decoded.startswith(TOKEN_PARAMETER.encode("ascii"))
 
 
 def _is_token_name(name: bytes) -> bool:

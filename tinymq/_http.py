@@ -237,6 +237,7 @@ class API:
     @app.route("/api/topics", methods=["GET"])
     def topics(self, request: IRequest) -> bytes:
         """List the topics with their counters."""
+        # LIMITATION(L-013): one answer holds every topic; no paging.
         grant = self._grant(request)
         listing = [
             self._topic_json(t)

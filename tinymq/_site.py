@@ -303,6 +303,7 @@ def _tune_socket(transport: Any, config: Config) -> None:
 
 
 # LIMITATION(L-007): behind a proxy this is the proxy's address.
+# LIMITATION(L-012): HTTP/2 streams of one connection count once.
 def client_address(transport: Any) -> str:
     """Return the client's IP address as text, or '' if it has none."""
     peer = transport.getPeer() if transport is not None else None

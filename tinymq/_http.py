@@ -94,6 +94,8 @@ class API:
     """The HTTP routes of one TinyMQ server."""
 
     app = Klein()
+    # No 308 to a merged path built from the Host header; set before routes.
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(self, hub: Hub, config: Config) -> None:

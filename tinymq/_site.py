@@ -103,8 +103,6 @@ class TinyMQRequest(Request):
 
     _refused = False
     _received = 0
-    # A publish body is the message itself, never a form to parse.
-    _parsePOSTFormSubmission = False
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > _config_of(self.channel).max_message_size:
@@ -318,7 +316,12 @@ class TinyMQSite(Site):
     noisy = False
 
     def __init__(self, resource: IResource, config: Config) -> None:
-        super().__init__(resource, timeout=60)  # type: ignore[no-untyped-call]
+        # A publish body is the message itself, never a form; Twisted's form
+        # parsing also raises on some Content-Type bytes and drops the
+        # connection unanswered.
+        super().__init__(  # type: ignore[no-untyped-call]
+            resource, timeout=60, parsePOSTFormSubmission=False
+        )
         self.config = config
         self.channels: set[_Connection] = set()
         self.per_address: dict[str, int] = {}

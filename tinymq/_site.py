@@ -38,7 +38,7 @@ from ._logging import log_access
 _ALLOWED_METHODS = b"GET, POST, OPTIONS"
 _ALLOWED_HEADERS = b"Content-Type, Authorization, Last-Event-ID, Cache-Control"
 
-_CallLater = Callable[[float, Callable[[], None]], IDelayedCall]
+_CallLater = Callable[..., IDelayedCall]
 
 
 def cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, bytes]]:
@@ -151,7 +151,7 @@ class TinyMQChannel(HTTPChannel):
     """
 
     site: TinyMQSite
-    _header_deadline: IDelayedCall | None = None
+    _deadline: IDelayedCall | None = None
     _refused = False
 
     def connectionMade(self) -> None:
@@ -165,12 +165,8 @@ class TinyMQChannel(HTTPChannel):
             return
         # The clock for the headers starts at their first byte, so that a
         # request line sent a byte at a time is cut off too.
-        if self._header_deadline is None and self.line_mode:
-            if not self._handlingRequest:
-                timeout = self.site.config.header_timeout
-                if timeout > 0:
-                    call_later = cast(_CallLater, self.callLater)
-                    self._header_deadline = call_later(timeout, self._headers_late)
+        if self._deadline is None and self.line_mode and not self._handlingRequest:
+            self._arm("headers", self.site.config.header_timeout)
         super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def allHeadersReceived(self) -> None:
@@ -178,37 +174,30 @@ class TinyMQChannel(HTTPChannel):
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
         # The body gets its own deadline, so that a body sent a byte at a
         # time cannot hold the connection either.
-        timeout = self.site.config.body_timeout
-        if timeout > 0 and not self._refused:
-            call_later = cast(_CallLater, self.callLater)
-            self._header_deadline = call_later(timeout, self._body_late)
+        if not self._refused:
+            self._arm("body", self.site.config.body_timeout)
 
     def allContentReceived(self) -> None:
         self._cancel_deadline()
         super().allContentReceived()  # type: ignore[no-untyped-call]
 
-    def _body_late(self) -> None:
-        self._header_deadline = None
-        self._refused = True
-        timeout = self.site.config.body_timeout
-        write_error(
-            self.transport,
-            RequestTimeout(f"The request body took longer than {timeout:g} s."),
-        )
-
     def _cancel_deadline(self) -> None:
-        if self._header_deadline is not None:
-            if self._header_deadline.active():
-                self._header_deadline.cancel()
-            self._header_deadline = None
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
 
-    def _headers_late(self) -> None:
-        self._header_deadline = None
+    def _arm(self, part: str, timeout: float) -> None:
+        if timeout > 0:
+            call_later = cast(_CallLater, self.callLater)
+            self._deadline = call_later(timeout, self._late, part, timeout)
+
+    def _late(self, part: str, timeout: float) -> None:
+        self._deadline = None
         self._refused = True
-        timeout = self.site.config.header_timeout
         write_error(
             self.transport,
-            RequestTimeout(f"The request headers took longer than {timeout:g} s."),
+            RequestTimeout(f"The request {part} took longer than {timeout:g} s."),
         )
 
     def lineLengthExceeded(self, line: bytes) -> None:

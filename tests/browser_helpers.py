@@ -1,7 +1,9 @@
 """
 Real peers for the browser tests (the broker comes from conftest.py): a
 page server of another origin that collects what its page reports, a TCP
-proxy the test can cut, and headless Chromium.
+proxy the test can cut, headless Chromium, and L{DevTools}, a small
+synchronous client of the DevTools protocol written with the standard
+library.
 
 Everything listens on 127.0.0.1 and is started and ended by the test that
 uses it. Every wait has a deadline, so a broken peer fails a test instead of
@@ -10,11 +12,13 @@ hanging it.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -24,9 +28,11 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 PAGES = Path(__file__).resolve().parent / "browser"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+DEVTOOLS_WAIT = 15.0
 
 Report = dict[str, Any]
 
@@ -315,3 +321,157 @@ def browser(binary: str, profile: Path, url: str) -> Iterator[Chromium]:
         yield chromium
     finally:
         chromium.close()
+
+
+# Headless Chromium over the DevTools protocol
+
+
+class DevTools:
+    """
+    A synchronous DevTools protocol client on one page target: commands,
+    and the events that arrive meanwhile (console calls, exceptions, log
+    entries), over a WebSocket written with the standard library.
+    """
+
+    def __init__(self, url: str, timeout: float = DEVTOOLS_WAIT) -> None:
+        parts = urlsplit(url)
+        self.sock = socket.create_connection(
+            (parts.hostname, parts.port), timeout=timeout
+        )
+        self.timeout = timeout
+        self.events: list[dict[str, Any]] = []
+        self._buffer = b""
+        self._next_id = 0
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        self.sock.sendall(
+            (
+                f"GET {parts.path} HTTP/1.1\r\n"
+                f"Host: {parts.hostname}:{parts.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode("ascii")
+        )
+        while b"\r\n\r\n" not in self._buffer:
+            self._buffer += self._recv()
+        head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("DevTools closed the connection")
+        return data
+
+    def _read(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            self._buffer += self._recv()
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def _message(self) -> dict[str, Any]:
+        payload = b""
+        while True:
+            first, second = self._read(2)
+            length = second & 0x7F
+            if length == 126:
+                (length,) = struct.unpack("!H", self._read(2))
+            elif length == 127:
+                (length,) = struct.unpack("!Q", self._read(8))
+            payload += self._read(length)
+            if first & 0x80:
+                result: dict[str, Any] = json.loads(payload)
+                return result
+
+    def _send_frame(self, text: str) -> None:
+        payload = text.encode("utf-8")
+        mask = os.urandom(4)
+        length = len(payload)
+        if length < 126:
+            head = struct.pack("!BB", 0x81, 0x80 | length)
+        elif length < 1 << 16:
+            head = struct.pack("!BBH", 0x81, 0x80 | 126, length)
+        else:
+            head = struct.pack("!BBQ", 0x81, 0x80 | 127, length)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(head + mask + masked)
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        """Run one command; return its result, keeping the events meanwhile."""
+        self._next_id += 1
+        number = self._next_id
+        self._send_frame(json.dumps({"id": number, "method": method, "params": params}))
+        while True:
+            message = self._message()
+            if message.get("id") == number:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                result: dict[str, Any] = message.get("result", {})
+                return result
+            if "method" in message:
+                self.events.append(message)
+
+    def evaluate(self, expression: str) -> Any:
+        """Evaluate JavaScript in the page; return its value."""
+        result = self.send(
+            "Runtime.evaluate",
+            expression=expression,
+            returnByValue=True,
+            awaitPromise=True,
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(
+        self, expression: str, what: str, timeout: float = DEVTOOLS_WAIT
+    ) -> Any:
+        """Evaluate C{expression} until it is truthy; fail after C{timeout}."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.evaluate(expression)
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {found!r}")
+            time.sleep(0.1)
+
+    def navigate(self, url: str) -> None:
+        """Load C{url} and wait for its load event."""
+        self.send("Page.navigate", url=url)
+        self.wait_for("document.readyState === 'complete'", f"{url} to load")
+
+    def errors(self) -> list[str]:
+        """Every JavaScript error the page has reported so far."""
+        self.evaluate("0")
+        found = []
+        for event in self.events:
+            method, params = event["method"], event.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                details = params["exceptionDetails"]
+                found.append(details.get("exception", {}).get("description", ""))
+            elif method == "Runtime.consoleAPICalled" and params["type"] in (
+                "error",
+                "assert",
+            ):
+                found.append(json.dumps(params["args"]))
+            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(params["entry"]["text"])
+        return found
+
+    def screenshot(self, *paths: Path) -> None:
+        """Save a PNG of the page to each of C{paths}."""
+        data = base64.b64decode(self.send("Page.captureScreenshot")["data"])
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.sock.close()
+
+
+def no_proxy_get(url: str) -> Any:
+    """GET C{url}, bypassing any proxy; return its JSON body."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=5) as response:
+        return json.load(response)

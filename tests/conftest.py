@@ -3,7 +3,9 @@ Fixtures shared by the test modules.
 
 The broker fixtures run a real C{twistd -n tinymq} in a subprocess on
 127.0.0.1, on a port the kernel picks, and read that port back from the
-broker's "listening on" log line.
+broker's "listening on" log line. The browser fixtures find Chromium and
+drive a headless page over the DevTools protocol; C{clients} collects the
+raw-socket clients of L{tests.rawclient} and closes them.
 """
 
 from __future__ import annotations
@@ -16,10 +18,23 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import tinymq
+from tests.browser_helpers import (
+    DEVTOOLS_WAIT,
+    Chromium,
+    DevTools,
+    find_chromium,
+    no_proxy_get,
+)
+
+if TYPE_CHECKING:
+    # Only for an annotation: the raw clients import the reactor, which
+    # pytest-twisted installs after this module is loaded.
+    from tests.rawclient import Closable
 
 LISTENING = re.compile(r"TinyMQ \S+ listening on 127\.0\.0\.1:(\d+)")
 HOST = "127.0.0.1"
@@ -188,3 +203,60 @@ def broker(module_broker_factory: Callable[..., Broker]) -> Broker:
     each test uses topics of its own.
     """
     return module_broker_factory()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Closable]]:
+    """A list to put raw clients in; each is closed after the test."""
+    opened: list[Closable] = []
+    yield opened
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
+def chromium_binary() -> str:
+    """The Chromium binary; without one, skip locally but fail in CI."""
+    binary = find_chromium()
+    if binary is None:
+        message = "no chromium found (install the Debian package chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return binary
+
+
+@pytest.fixture
+def devtools(chromium_binary: str, tmp_path: Path) -> Iterator[DevTools]:
+    """Headless Chromium on a blank page, driven over the DevTools protocol."""
+    profile = tmp_path / "profile"
+    browser = Chromium(chromium_binary, profile, "about:blank")
+    client = None
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + DEVTOOLS_WAIT
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if time.monotonic() > deadline or browser.process.poll() is not None:
+                pytest.fail("Chromium did not start: " + browser.output.read_text())
+            time.sleep(0.05)
+        port = int(port_file.read_text().split()[0])
+        pages = [
+            t
+            for t in no_proxy_get(f"http://127.0.0.1:{port}/json/list")
+            if t["type"] == "page"
+        ]
+        client = DevTools(pages[0]["webSocketDebuggerUrl"])
+        for domain in ("Runtime", "Page", "Log"):
+            client.send(f"{domain}.enable")
+        client.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=1280,
+            height=760,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        yield client
+    finally:
+        if client is not None:
+            client.close()
+        browser.close()

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +126,8 @@ def http_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def _parse_head(head: bytes) -> tuple[int, str, dict[str, list[str]]]:
+def parse_head(head: bytes) -> tuple[int, str, dict[str, list[str]]]:
+    """Return the status, reason and headers (lower-case names) of a head."""
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     _, status, *reason = status_line.split(" ", 2)
     headers: dict[str, list[str]] = {}
@@ -136,43 +137,51 @@ def _parse_head(head: bytes) -> tuple[int, str, dict[str, list[str]]]:
     return int(status), (reason or [""])[0], headers
 
 
-class _ChunkedDecoder:
-    """Takes a chunked body apart, byte for byte as it arrives."""
+class ChunkedDecoder:
+    """
+    Takes a chunked HTTP/1.1 body apart as its bytes arrive, in a buffer
+    that is cut once per call, so that megabytes of small chunks stay cheap.
+    """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
         self._size: int | None = None
         self.finished = False
 
     def feed(self, data: bytes) -> bytes:
-        """Return the body bytes in C{data}; note the last chunk."""
-        self._buffer += data
-        body = b""
+        """Return the body bytes completed by C{data}; note the last chunk."""
+        buffer = self._buffer
+        buffer += data
+        body = []
+        start = 0
         while not self.finished:
             if self._size is None:
-                line, found, rest = self._buffer.partition(b"\r\n")
-                if not found:
+                end = buffer.find(b"\r\n", start)
+                if end < 0:
                     break
-                self._size = int(line.split(b";")[0], 16)
-                self._buffer = rest
+                self._size = int(bytes(buffer[start:end]).split(b";")[0], 16)
+                start = end + 2
             if self._size == 0:
                 # The last chunk: no trailers, then the closing CRLF.
-                if len(self._buffer) < 2:
+                if len(buffer) - start < 2:
                     break
-                if self._buffer[:2] != b"\r\n":
-                    raise ValueError(f"Trailer after last chunk: {self._buffer!r}")
-                self._buffer = self._buffer[2:]
+                if buffer[start : start + 2] != b"\r\n":
+                    tail = bytes(buffer[start:])
+                    raise ValueError(f"Trailer after last chunk: {tail!r}")
+                start += 2
                 self.finished = True
                 break
-            if len(self._buffer) < self._size + 2:
+            if len(buffer) - start < self._size + 2:
                 break
-            chunk, tail = self._buffer[: self._size], self._buffer[self._size :]
-            if tail[:2] != b"\r\n":
-                raise ValueError(f"A chunk does not end in CRLF: {tail[:10]!r}")
-            body += chunk
-            self._buffer = tail[2:]
+            end = start + self._size
+            if buffer[end : end + 2] != b"\r\n":
+                tail = bytes(buffer[end : end + 10])
+                raise ValueError(f"A chunk does not end in CRLF: {tail!r}")
+            body.append(bytes(buffer[start:end]))
+            start = end + 2
             self._size = None
-        return body
+        del buffer[:start]
+        return b"".join(body)
 
 
 class HTTPStream(Protocol):
@@ -194,7 +203,7 @@ class HTTPStream(Protocol):
         self.events: list[Event] = []
         self.sse = SSEParser()
         self._head = b""
-        self._chunked: _ChunkedDecoder | None = None
+        self._chunked: ChunkedDecoder | None = None
         self._length: int | None = None
 
     def connectionMade(self) -> None:
@@ -208,10 +217,10 @@ class HTTPStream(Protocol):
             head, found, rest = self._head.partition(b"\r\n\r\n")
             if not found:
                 return
-            self.status, self.reason, self.headers = _parse_head(head)
+            self.status, self.reason, self.headers = parse_head(head)
             coding = self.headers.get("transfer-encoding", [""])[0].lower()
             if coding == "chunked":
-                self._chunked = _ChunkedDecoder()
+                self._chunked = ChunkedDecoder()
             elif "content-length" in self.headers:
                 self._length = int(self.headers["content-length"][0])
             data = rest
@@ -258,6 +267,43 @@ async def connect(port: int, protocol: Protocol) -> Any:
     """Connect C{protocol} to the broker on C{port}."""
     endpoint = TCP4ClientEndpoint(reactor, HOST, port, timeout=WAIT)
     return await connectProtocol(endpoint, protocol)
+
+
+async def read_until_closed(port: int, data: bytes = b"") -> HTTPStream:
+    """Send C{data} and read the answer until the server closes."""
+    stream = HTTPStream(data)
+    await connect(port, stream)
+    await wait_until(lambda: stream.closed, "the server to close")
+    return stream
+
+
+async def read_answer(
+    port: int,
+    data: bytes,
+    connector: Callable[[int, Protocol], Awaitable[Any]] = connect,
+) -> HTTPStream:
+    """
+    Send C{data} on a connection made by C{connector}, read the answer
+    until its body is complete or the server closes, then drop it.
+    """
+    stream = HTTPStream(data)
+    await connector(port, stream)
+    await wait_until(lambda: stream.complete or stream.closed, "the whole answer")
+    stream.abort()
+    return stream
+
+
+def assert_error(reply: Reply | HTTPStream, status: int, code: str) -> None:
+    """Check a status and its JSON error body."""
+    if isinstance(reply, Reply):
+        content_type = reply.header("content-type")
+    else:
+        content_type = reply.headers.get("content-type", [])
+    body = reply.json()
+
+    assert (reply.status, content_type) == (status, ["application/json"])
+    assert body == {"error": code, "message": body["message"]}
+    assert isinstance(body["message"], str) and body["message"] != ""
 
 
 async def open_sse(
@@ -308,7 +354,9 @@ def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     else:
         head += bytes([0x80 | 127]) + struct.pack("!Q", length)
     mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    # One big-integer XOR masks a payload of megabytes quickly.
+    key = int.from_bytes((mask * (length // 4 + 1))[:length], "big")
+    masked = (int.from_bytes(payload, "big") ^ key).to_bytes(length, "big")
     return head + mask + masked
 
 
@@ -328,10 +376,17 @@ class WebSocketClient(Protocol):
     handshake.
     """
 
-    def __init__(self, path: str, port: int, origin: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        port: int,
+        origin: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.path = path
         self.port = port
         self.origin = origin
+        self.extra_headers = headers or {}
         self.key = base64.b64encode(os.urandom(16)).decode("ascii")
         self.status: int | None = None
         self.headers: dict[str, list[str]] = {}
@@ -354,6 +409,7 @@ class WebSocketClient(Protocol):
         }
         if self.origin is not None:
             headers["Origin"] = self.origin
+        headers.update(self.extra_headers)
         assert self.transport is not None
         self.transport.write(http_request("GET", self.path, self.port, headers))
 
@@ -363,7 +419,7 @@ class WebSocketClient(Protocol):
             head, found, rest = self._buffer.partition(b"\r\n\r\n")
             if not found:
                 return
-            self.status, _, self.headers = _parse_head(head)
+            self.status, _, self.headers = parse_head(head)
             self._buffer = rest
             if self.status == 101:
                 self._check_accept()
@@ -460,15 +516,32 @@ class WebSocketClient(Protocol):
             self.transport.abortConnection()
 
 
-async def open_ws(port: int, path: str, origin: str | None = None) -> WebSocketClient:
-    """Open a WebSocket; return once the server answered the handshake."""
-    client = WebSocketClient(path, port, origin)
+async def open_ws(
+    port: int,
+    path: str,
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> WebSocketClient:
+    """
+    Open a WebSocket, with extra handshake C{headers}; return once the
+    server answered the handshake.
+    """
+    client = WebSocketClient(path, port, origin, headers)
     await connect(port, client)
     await wait_until(
         lambda: client.status is not None or client.closed,
         f"the handshake answer of {path}",
     )
     return client
+
+
+async def drop(*connections: HTTPStream | WebSocketClient) -> None:
+    """Drop connections and let the reactor close their sockets."""
+    for connection in connections:
+        connection.abort()
+    await wait_until(
+        lambda: all(c.closed for c in connections), "the connections to close"
+    )
 
 
 async def ws_command(client: WebSocketClient, command: dict[str, Any]) -> Any:

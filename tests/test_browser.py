@@ -5,7 +5,6 @@ another origin, whose EventSource and WebSocket connect to a twistd broker.
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ from tests.browser_helpers import (
     Report,
     browser,
     events,
-    find_chromium,
     header,
     publish,
 )
@@ -46,18 +44,6 @@ def _time_limit() -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-
-
-@pytest.fixture
-def chromium() -> str:
-    """The Chromium binary; without one, skip locally but fail in CI."""
-    binary = find_chromium()
-    if binary is None:
-        message = "no chromium found (install the Debian package chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
 
 
 @pytest.fixture
@@ -91,7 +77,7 @@ def _messages(source: str, count: int) -> Callable[[list[Report]], bool]:
 
 
 def test_posted_json_reaches_eventsource_and_websocket(
-    chromium: str, broker: Broker, page_server: PageServer, tmp_path: Path
+    chromium_binary: str, broker: Broker, page_server: PageServer, tmp_path: Path
 ) -> None:
     """A posted object comes out of JSON.parse in a cross-origin page's
     EventSource and WebSocket exactly as it went in."""
@@ -101,7 +87,7 @@ def test_posted_json_reaches_eventsource_and_websocket(
         ws=f"{ws_url}/api/topics/dashboard.metrics/ws",
     )
 
-    with browser(chromium, tmp_path / "profile", url):
+    with browser(chromium_binary, tmp_path / "profile", url):
         page_server.wait_for(_opened("sse", "ws"), WAIT, "both to open")
         published = publish(broker.base_url, "dashboard.metrics", METRICS)
         reports = page_server.wait_for(
@@ -121,7 +107,7 @@ def test_posted_json_reaches_eventsource_and_websocket(
 
 
 def test_eventsource_resumes_after_the_connection_drops(
-    chromium: str, broker: Broker, page_server: PageServer, tmp_path: Path
+    chromium_binary: str, broker: Broker, page_server: PageServer, tmp_path: Path
 ) -> None:
     """An EventSource cut off mid-stream reconnects with Last-Event-ID by
     itself and ends up with every message exactly once, in order."""
@@ -135,7 +121,7 @@ def test_eventsource_resumes_after_the_connection_drops(
             ids.append(publish(broker.base_url, "dashboard.resume", message)["id"])
 
     try:
-        with browser(chromium, tmp_path / "profile", url):
+        with browser(chromium_binary, tmp_path / "profile", url):
             page_server.wait_for(_opened("sse"), WAIT, "the stream to open")
             send(sent[:3])
             page_server.wait_for(_messages("sse", 3), WAIT, "the first 3")
@@ -162,7 +148,7 @@ def test_eventsource_resumes_after_the_connection_drops(
 
 
 def test_disallowed_origin_cannot_open_websocket_or_read_stream(
-    chromium: str,
+    chromium_binary: str,
     broker_factory: Callable[..., Broker],
     page_server: PageServer,
     other_page_server: PageServer,
@@ -180,7 +166,7 @@ def test_disallowed_origin_cannot_open_websocket_or_read_stream(
     }
     url = refused.page_url(frame=allowed.page_url(**streams), **streams)
 
-    with browser(chromium, tmp_path / "profile", url):
+    with browser(chromium_binary, tmp_path / "profile", url):
         refused.wait_for(
             lambda r: bool(events(r, "ws", "close") and events(r, "sse", "error")),
             WAIT,

@@ -2,29 +2,24 @@
 The live web console: its files, its feed of server figures, and the page
 itself in headless Chromium, driven over the DevTools protocol.
 
-L{DevTools} is a small synchronous client of the DevTools protocol over a
-WebSocket, written with the standard library; test_example.py uses it too.
+The page is driven by L{tests.browser_helpers.DevTools}, from the
+C{devtools} fixture of conftest.py.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
-import struct
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import treq
 from treq.testing import StubTreq
 
-from tests.browser_helpers import Chromium, find_chromium, publish
+from tests.browser_helpers import ARTIFACTS, DevTools, publish
 from tests.conftest import Broker
 from tests.sse_parser import Event, SSEParser
 from tinymq._console import CONTENT_SECURITY_POLICY
@@ -35,7 +30,6 @@ from .helpers import RecordingSubscriber, make_hub, result_of
 
 URL = "http://tinymq.test"
 ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "artifacts"
 WAIT = 15.0
 
 
@@ -286,205 +280,6 @@ def test_feed_ends_when_the_server_stops() -> None:
 
     assert feed.streams == set()
     assert len(server.stats()) == 1
-
-
-# Headless Chromium over the DevTools protocol
-
-
-class DevTools:
-    """
-    A synchronous DevTools protocol client on one page target: commands,
-    and the events that arrive meanwhile (console calls, exceptions, log
-    entries), over a WebSocket written with the standard library.
-    """
-
-    def __init__(self, url: str, timeout: float = WAIT) -> None:
-        parts = urlsplit(url)
-        self.sock = socket.create_connection(
-            (parts.hostname, parts.port), timeout=timeout
-        )
-        self.timeout = timeout
-        self.events: list[dict[str, Any]] = []
-        self._buffer = b""
-        self._next_id = 0
-        key = base64.b64encode(os.urandom(16)).decode("ascii")
-        self.sock.sendall(
-            (
-                f"GET {parts.path} HTTP/1.1\r\n"
-                f"Host: {parts.hostname}:{parts.port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode("ascii")
-        )
-        while b"\r\n\r\n" not in self._buffer:
-            self._buffer += self._recv()
-        head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-
-    def _recv(self) -> bytes:
-        data = self.sock.recv(1 << 16)
-        if not data:
-            raise ConnectionError("DevTools closed the connection")
-        return data
-
-    def _read(self, size: int) -> bytes:
-        while len(self._buffer) < size:
-            self._buffer += self._recv()
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
-
-    def _message(self) -> dict[str, Any]:
-        payload = b""
-        while True:
-            first, second = self._read(2)
-            length = second & 0x7F
-            if length == 126:
-                (length,) = struct.unpack("!H", self._read(2))
-            elif length == 127:
-                (length,) = struct.unpack("!Q", self._read(8))
-            payload += self._read(length)
-            if first & 0x80:
-                result: dict[str, Any] = json.loads(payload)
-                return result
-
-    def _send_frame(self, text: str) -> None:
-        payload = text.encode("utf-8")
-        mask = os.urandom(4)
-        length = len(payload)
-        if length < 126:
-            head = struct.pack("!BB", 0x81, 0x80 | length)
-        elif length < 1 << 16:
-            head = struct.pack("!BBH", 0x81, 0x80 | 126, length)
-        else:
-            head = struct.pack("!BBQ", 0x81, 0x80 | 127, length)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(head + mask + masked)
-
-    def send(self, method: str, **params: Any) -> dict[str, Any]:
-        """Run one command; return its result, keeping the events meanwhile."""
-        self._next_id += 1
-        number = self._next_id
-        self._send_frame(json.dumps({"id": number, "method": method, "params": params}))
-        while True:
-            message = self._message()
-            if message.get("id") == number:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                result: dict[str, Any] = message.get("result", {})
-                return result
-            if "method" in message:
-                self.events.append(message)
-
-    def evaluate(self, expression: str) -> Any:
-        """Evaluate JavaScript in the page; return its value."""
-        result = self.send(
-            "Runtime.evaluate",
-            expression=expression,
-            returnByValue=True,
-            awaitPromise=True,
-        )
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, what: str, timeout: float = WAIT) -> Any:
-        """Evaluate C{expression} until it is truthy; fail after C{timeout}."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.evaluate(expression)
-            if found:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}: {found!r}")
-            time.sleep(0.1)
-
-    def navigate(self, url: str) -> None:
-        """Load C{url} and wait for its load event."""
-        self.send("Page.navigate", url=url)
-        self.wait_for("document.readyState === 'complete'", f"{url} to load")
-
-    def errors(self) -> list[str]:
-        """Every JavaScript error the page has reported so far."""
-        self.evaluate("0")
-        found = []
-        for event in self.events:
-            method, params = event["method"], event.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                details = params["exceptionDetails"]
-                found.append(details.get("exception", {}).get("description", ""))
-            elif method == "Runtime.consoleAPICalled" and params["type"] in (
-                "error",
-                "assert",
-            ):
-                found.append(json.dumps(params["args"]))
-            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-                found.append(params["entry"]["text"])
-        return found
-
-    def screenshot(self, *paths: Path) -> None:
-        """Save a PNG of the page to each of C{paths}."""
-        data = base64.b64decode(self.send("Page.captureScreenshot")["data"])
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-
-    def close(self) -> None:
-        """Close the connection."""
-        self.sock.close()
-
-
-def _no_proxy_get(url: str) -> Any:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=5) as response:
-        return json.load(response)
-
-
-@pytest.fixture
-def chromium_binary() -> str:
-    """The Chromium binary; without one, skip locally but fail in CI."""
-    binary = find_chromium()
-    if binary is None:
-        message = "no chromium found (install the Debian package chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
-
-
-@pytest.fixture
-def devtools(chromium_binary: str, tmp_path: Path) -> Iterator[DevTools]:
-    """Headless Chromium on a blank page, driven over the DevTools protocol."""
-    profile = tmp_path / "profile"
-    browser = Chromium(chromium_binary, profile, "about:blank")
-    client = None
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + WAIT
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if time.monotonic() > deadline or browser.process.poll() is not None:
-                pytest.fail("Chromium did not start: " + browser.output.read_text())
-            time.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
-        pages = [
-            t
-            for t in _no_proxy_get(f"http://127.0.0.1:{port}/json/list")
-            if t["type"] == "page"
-        ]
-        client = DevTools(pages[0]["webSocketDebuggerUrl"])
-        for domain in ("Runtime", "Page", "Log"):
-            client.send(f"{domain}.enable")
-        client.send(
-            "Emulation.setDeviceMetricsOverride",
-            width=1280,
-            height=760,
-            deviceScaleFactor=1,
-            mobile=False,
-        )
-        yield client
-    finally:
-        if client is not None:
-            client.close()
-        browser.close()
 
 
 class SSEClient:

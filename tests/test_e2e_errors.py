@@ -12,13 +12,12 @@ import pytest_twisted
 
 from tests.conftest import Broker
 from tests.e2e import (
-    HTTPStream,
-    Reply,
-    connect,
+    assert_error,
     http_request,
     open_sse,
     open_ws,
     publish,
+    read_until_closed,
     request,
     wait_until,
 )
@@ -35,27 +34,6 @@ def strict(module_broker_factory: Callable[..., Broker]) -> Broker:
     return module_broker_factory(
         "--max-message-size", str(LIMIT), "--cors-origins", ALLOWED
     )
-
-
-def assert_error(reply: Reply | HTTPStream, status: int, code: str) -> None:
-    """Check a status and its JSON error body."""
-    if isinstance(reply, Reply):
-        content_type = reply.header("content-type")
-    else:
-        content_type = reply.headers.get("content-type", [])
-    body = reply.json()
-
-    assert (reply.status, content_type) == (status, ["application/json"])
-    assert body == {"error": code, "message": body["message"]}
-    assert isinstance(body["message"], str) and body["message"] != ""
-
-
-async def raw_exchange(port: int, data: bytes) -> HTTPStream:
-    """Send C{data} and read the response until the server closes."""
-    stream = HTTPStream(data)
-    await connect(port, stream)
-    await wait_until(lambda: stream.closed, "the server to close")
-    return stream
 
 
 BAD_PUBLISHES = [
@@ -169,7 +147,7 @@ async def test_413_is_decided_from_content_length_before_the_body(
         },
     )
 
-    stream = await raw_exchange(strict.port, head)
+    stream = await read_until_closed(strict.port, head)
 
     assert stream.raw.startswith(b"HTTP/1.1 413 ")
     assert_error(stream, 413, "payload-too-large")
@@ -187,7 +165,7 @@ async def test_413_comes_without_100_continue(strict: Broker) -> None:
         {"Content-Length": str(LIMIT + 1), "Expect": "100-continue"},
     )
 
-    stream = await raw_exchange(strict.port, head)
+    stream = await read_until_closed(strict.port, head)
 
     assert stream.raw.startswith(b"HTTP/1.1 413 ")
     assert_error(stream, 413, "payload-too-large")
@@ -220,7 +198,7 @@ async def test_413_for_a_chunked_body_that_crosses_the_limit(strict: Broker) -> 
     )
 
     # No last chunk: the answer must not wait for the end of the body.
-    stream = await raw_exchange(
+    stream = await read_until_closed(
         strict.port, head + _chunk(b"a" * 600) + _chunk(b"b" * 600)
     )
 
@@ -243,7 +221,7 @@ async def test_chunked_body_under_the_limit_is_published(strict: Broker) -> None
         },
     )
 
-    stream = await raw_exchange(
+    stream = await read_until_closed(
         strict.port, head + _chunk(b"a" * 500) + _chunk(b"b" * 500) + b"0\r\n\r\n"
     )
     await wait_until(lambda: listener.events, "the message")

@@ -8,15 +8,21 @@ C{twistd -n tinymq} on 127.0.0.1 and raw-socket clients.
 from __future__ import annotations
 
 import random
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.conftest import Broker
-from tests.test_e2e_flow import Closable, Publisher, SSEClient, SSEEvent, WSClient
+from tests.rawclient import (
+    Background,
+    Closable,
+    Publisher,
+    SSEClient,
+    SSEEvent,
+    WSClient,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -25,15 +31,6 @@ pytestmark = pytest.mark.e2e
 def resume_broker(module_broker_factory: Callable[..., Broker]) -> Broker:
     """A broker shared by this module's tests, keeping 10,000 per topic."""
     return module_broker_factory("--history-size", "10000")
-
-
-@pytest.fixture
-def clients() -> Iterator[list[Closable]]:
-    """A list to put clients in; each is closed after the test."""
-    opened: list[Closable] = []
-    yield opened
-    for client in opened:
-        client.close()
 
 
 def body(n: int) -> bytes:
@@ -87,27 +84,20 @@ def test_a_client_that_reconnects_gets_exactly_what_it_missed(
     assert seen(second.events) == [("message", ids[n], {"n": n}) for n in range(3, 17)]
 
 
-class ContinuousPublisher:
+class ContinuousPublisher(Background):
     """Publishes C{{"n": n}} to a topic without pause, from a thread."""
 
     def __init__(self, port: int, topic: str) -> None:
+        super().__init__()
         self.publisher = Publisher(port)
         self.topic = topic
         self.ids: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.ids.append(self.publisher.post(self.topic, body(len(self.ids))))
 
-    def __enter__(self) -> ContinuousPublisher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def _finish(self) -> None:
         self.publisher.close()
 
 

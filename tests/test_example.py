@@ -23,10 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.browser_helpers import ARTIFACTS, DevTools
 from tests.conftest import Broker
-from tests.test_console import ARTIFACTS, DevTools, chromium_binary, devtools
-
-__all__ = ["chromium_binary", "devtools"]
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "host-metrics"
 WAIT = 15.0

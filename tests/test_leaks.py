@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import Broker
-from tests.test_e2e_flow import (
+from tests.rawclient import (
     SMALL_RCVBUF,
     Publisher,
     RawClient,

@@ -25,13 +25,15 @@ from tests.conftest import Broker
 from tests.e2e import (
     HOST,
     HTTPStream,
-    Reply,
     WebSocketClient,
+    assert_error,
     connect,
+    drop,
     http_request,
     open_sse,
     open_ws,
     publish,
+    read_until_closed,
     request,
     sleep,
     wait_until,
@@ -42,19 +44,6 @@ pytestmark = pytest.mark.e2e
 
 UNTRUSTED = ("--trusted-addresses", "")
 """Loopback is trusted by default; these options make it count."""
-
-
-def assert_error(reply: Reply | HTTPStream, status: int, code: str) -> None:
-    """Check a status and its JSON error body."""
-    if isinstance(reply, Reply):
-        content_type = reply.header("content-type")
-    else:
-        content_type = reply.headers.get("content-type", [])
-    body = reply.json()
-
-    assert (reply.status, content_type) == (status, ["application/json"])
-    assert body == {"error": code, "message": body["message"]}
-    assert body["message"] != ""
 
 
 def assert_closed_after(stream: HTTPStream) -> None:
@@ -73,18 +62,7 @@ async def hold(port: int) -> HTTPStream:
 
 async def refused(port: int) -> HTTPStream:
     """Open a connection that sends nothing; return once the server closed it."""
-    stream = await hold(port)
-    await wait_until(lambda: stream.closed, "the server to close")
-    return stream
-
-
-async def drop(*connections: HTTPStream | WebSocketClient) -> None:
-    """Drop connections and let the reactor close their sockets."""
-    for connection in connections:
-        connection.abort()
-    await wait_until(
-        lambda: all(c.closed for c in connections), "the connections to close"
-    )
+    return await read_until_closed(port)
 
 
 async def ws_publish(client: WebSocketClient, topic: str, data: Any) -> Any:

@@ -25,10 +25,12 @@ from tests.e2e import (
     HTTPStream,
     Reply,
     WebSocketClient,
+    assert_error,
     connect,
     http_request,
     open_sse,
     open_ws,
+    read_answer,
     request,
     wait_until,
     ws_command,
@@ -90,17 +92,16 @@ def secured(
     )
 
 
-def assert_error(reply: Reply | HTTPStream, status: int, code: str) -> None:
-    """Check a status and its JSON error body."""
-    if isinstance(reply, Reply):
-        content_type = reply.header("content-type")
-    else:
-        content_type = reply.headers.get("content-type", [])
-    body = reply.json()
+async def read_whole(port: int, path: str, headers: dict[str, str]) -> HTTPStream:
+    """GET C{path} and read the answer until its body is complete."""
+    return await read_answer(port, http_request("GET", path, port, headers))
 
-    assert (reply.status, content_type) == (status, ["application/json"])
-    assert body == {"error": code, "message": body["message"]}
-    assert body["message"] != ""
+
+async def open_ws_with(
+    port: int, path: str, headers: dict[str, str]
+) -> WebSocketClient:
+    """Open a WebSocket with extra handshake headers."""
+    return await open_ws(port, path, headers=headers)
 
 
 def www_authenticate(reply: Reply | HTTPStream) -> list[str]:
@@ -124,47 +125,6 @@ async def publish_as(
         body.encode("utf-8"),
         {"Content-Type": "application/json", **(headers or {})},
     )
-
-
-async def read_whole(port: int, path: str, headers: dict[str, str]) -> HTTPStream:
-    """GET C{path} and read the answer until its body is complete."""
-    stream = HTTPStream(http_request("GET", path, port, headers))
-    await connect(port, stream)
-    await wait_until(lambda: stream.complete or stream.closed, f"the answer to {path}")
-    stream.abort()
-    return stream
-
-
-class HeaderWebSocket(WebSocketClient):
-    """A WebSocket client that sends extra handshake headers."""
-
-    def __init__(self, path: str, port: int, headers: dict[str, str]) -> None:
-        super().__init__(path, port)
-        self.extra = headers
-
-    def connectionMade(self) -> None:
-        headers = {
-            "Upgrade": "websocket",
-            "Connection": "Upgrade",
-            "Sec-WebSocket-Key": self.key,
-            "Sec-WebSocket-Version": "13",
-            **self.extra,
-        }
-        assert self.transport is not None
-        self.transport.write(http_request("GET", self.path, self.port, headers))
-
-
-async def open_ws_with(
-    port: int, path: str, headers: dict[str, str]
-) -> WebSocketClient:
-    """Open a WebSocket with extra handshake headers."""
-    client = HeaderWebSocket(path, port, headers)
-    await connect(port, client)
-    await wait_until(
-        lambda: client.status is not None or client.closed,
-        f"the handshake answer of {path}",
-    )
-    return client
 
 
 # Without a usable token

@@ -41,7 +41,9 @@ from tests.e2e import (
     WAIT,
     HTTPStream,
     WebSocketClient,
+    drop,
     http_request,
+    read_answer,
     wait_until,
 )
 from tests.sse_parser import SSEParser
@@ -116,27 +118,15 @@ async def connect_tls(port: int, cert: Path, protocol: Protocol) -> Any:
 async def publish_tls(broker: Broker, cert: Path, topic: str, body: str) -> HTTPStream:
     """POST C{body} to C{topic} over HTTPS; return the whole answer."""
     data = body.encode("utf-8")
-    answer = HTTPStream(
-        http_request(
-            "POST",
-            f"/api/topics/{topic}",
-            broker.port,
-            {"Content-Type": "application/json", "Content-Length": str(len(data))},
-            data,
-        )
+    request = http_request(
+        "POST",
+        f"/api/topics/{topic}",
+        broker.port,
+        {"Content-Type": "application/json", "Content-Length": str(len(data))},
+        data,
     )
-    await connect_tls(broker.port, cert, answer)
-    await wait_until(lambda: answer.complete or answer.closed, "the publish answer")
-    answer.abort()
-    return answer
-
-
-async def drop(*connections: HTTPStream | WebSocketClient) -> None:
-    """Drop connections and let the reactor close their sockets."""
-    for connection in connections:
-        connection.abort()
-    await wait_until(
-        lambda: all(c.closed for c in connections), "the connections to close"
+    return await read_answer(
+        broker.port, request, lambda port, answer: connect_tls(port, cert, answer)
     )
 
 

@@ -152,6 +152,30 @@ def test_wildcard_and_exact_routing() -> None:
     assert topics_seen(many) == ["dashboard.metrics", "dashboard.cpu.core0"]
 
 
+def test_deep_nesting_in_one_turn_spares_the_other_messages() -> None:
+    """
+    A payload nested too deep for Python's JSON parser is carried as text,
+    and the other messages of the same turn still reach every subscriber.
+    """
+    _, hub = make_hub()
+    exact = RecordingSubscriber(hub)
+    wild = RecordingSubscriber(hub, fmt="sse-envelope")
+    hub.attach(exact, ["z.b"])
+    hub.attach(wild, ["z.*"])
+    deep = b"[" * 5000 + b"]" * 5000
+
+    hub.publish("z.deep", deep)
+    hub.publish("z.b", b"after")
+    hub.flush()
+
+    assert [event.data for event in parse_sse(exact.written)[0]] == ["after"]
+    carried = [json.loads(event.data) for event in parse_sse(wild.written)[0]]
+    assert [(c["topic"], c["data"]) for c in carried] == [
+        ("z.deep", deep.decode()),
+        ("z.b", "after"),
+    ]
+
+
 def test_envelope_format_carries_topic() -> None:
     """A wildcard subscriber's frame is the envelope, encoded as an event."""
     _, hub = make_hub()

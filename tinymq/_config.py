@@ -27,8 +27,8 @@ def _positive_int(text: object) -> int:
 
 def _positive_float(text: object) -> float:
     value = float(str(text))
-    if not value >= 0:
-        raise ValueError("must not be negative")
+    if not 0 <= value < float("inf"):
+        raise ValueError("must be a number, 0 or more")
     return value
 
 

@@ -28,7 +28,6 @@ from ._console import ConsoleFeed, console_asset, set_console_headers
 from ._errors import (
     REASONS,
     BadRequest,
-    Forbidden,
     InvalidPayload,
     MethodNotAllowed,
     NotFound,
@@ -41,6 +40,7 @@ from ._hub import Hub, Message, Topic
 from ._limits import RateLimiter, check_publish_rate
 from ._metrics import ServerMetrics
 from ._sse import SSEStream
+from ._subscriber import client_options
 from ._topics import is_wildcard, validate_pattern, validate_topic
 from ._wire import is_json
 from ._ws import (
@@ -187,7 +187,7 @@ class API:
         since_text = since.decode("latin-1") if since else _arg(request, "lastEventId")
         policy = _arg(request, "policy")
         max_rate = _arg(request, "max_rate")
-        policy, rate = self._policy_options(policy, max_rate)
+        policy, rate = client_options(self.config, policy, max_rate)
         if request.method == b"HEAD":
             # The headers of a stream, without opening one.
             request.setHeader(b"Content-Type", b"text/event-stream")
@@ -203,25 +203,6 @@ class API:
         """Return what the request's credentials allow, or raise 401."""
         token = self.auth.token_from_web(request)
         return self.auth.authenticate(token, self.hub.clock.seconds())
-
-    def _policy_options(
-        self, policy: str | None, max_rate: str | None
-    ) -> tuple[str | None, float | None]:
-        if policy is None and max_rate is None:
-            return None, None
-        if not self.config.client_policy:
-            raise Forbidden("This server does not let clients choose a policy.")
-        if policy is not None and policy not in ("disconnect", "latest"):
-            raise BadRequest("'policy' is 'disconnect' or 'latest'.")
-        rate = None
-        if max_rate is not None:
-            try:
-                rate = float(max_rate)
-            except ValueError:
-                raise BadRequest("'max_rate' must be a number.") from None
-            if not 0 < rate <= 1000:
-                raise BadRequest("'max_rate' is between 0 and 1000.")
-        return policy, rate
 
     @app.route("/api/topics/<pattern>/ws", methods=["GET"])
     def topic_websocket(self, request: IRequest, pattern: str) -> WebSocketEndpoint:
@@ -252,6 +233,7 @@ class API:
     @app.route("/api/topics/<topic>", methods=["GET"])
     def topic(self, request: IRequest, topic: str) -> bytes:
         """Describe one topic, with its last message."""
+        validate_topic(topic)
         authorize_subscribe(self._grant(request), topic)
         found = self.hub.topics.get(topic)
         if found is None:
@@ -264,6 +246,7 @@ class API:
     @app.route("/api/topics/<topic>/messages", methods=["GET"])
     def messages(self, request: IRequest, topic: str) -> bytes:
         """Return a topic's kept history, oldest first."""
+        validate_topic(topic)
         authorize_subscribe(self._grant(request), topic)
         limit = _int_arg(request, "limit", 100, 1000)
         since = _arg(request, "since")

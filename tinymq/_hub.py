@@ -155,13 +155,15 @@ class _Group:
             if not messages:
                 return
         data = self.encode(messages)
+        written = 0
         for subscriber in list(self.subscribers):
             if subscriber.paused:
                 subscriber.hold(messages)
             else:
                 subscriber.write(data)
+                written += 1
         hub = self.hub
-        hub.delivered += len(messages) * len(self.subscribers)
+        hub.delivered += len(messages) * written
         if hub.on_delivery is not None:
             hub.on_delivery(messages, len(self.subscribers))
 
@@ -255,6 +257,7 @@ class Hub:
         self._batch: list[Message] = []
         self._flush_call: IDelayedCall | None = None
 
+        self._forgot_at = float("-inf")
         self._history_bytes = 0
         self._oldest: list[tuple[int, str]] = []
 
@@ -322,18 +325,30 @@ class Hub:
         if len(batch) == 1:
             # A delivery can drop a group (a slow subscriber cut off).
             for group in tuple(self._route(batch[0].topic)):
-                group.deliver(batch)
+                self._deliver(group, batch)
             return
         per_group: dict[_Group, list[Message]] = {}
         for message in batch:
             for group in tuple(self._route(message.topic)):
                 per_group.setdefault(group, []).append(message)
         for group, messages in per_group.items():
+            self._deliver(group, messages)
+
+    def _deliver(self, group: _Group, messages: list[Message]) -> None:
+        # A fault in one group must not cost the other groups their turn.
+        try:
             group.deliver(messages)
+        except Exception:
+            self.log.failure("Cannot deliver to {patterns}", patterns=group.patterns)
 
     def _create_topic(self, name: str) -> Topic:
         if len(self.topics) >= self.config.max_topics:
-            self._forget_idle_topics()
+            # Looking for idle topics costs a pass over all of them: at most
+            # once a second, so a flood of new topics gets cheap 503s.
+            now = self.clock.seconds()
+            if now - self._forgot_at >= 1.0:
+                self._forgot_at = now
+                self._forget_idle_topics()
             if len(self.topics) >= self.config.max_topics:
                 raise Unavailable(
                     f"The server holds its limit of {self.config.max_topics} topics."
@@ -601,7 +616,11 @@ class Hub:
         self._expire(now)
         for topic in self.topics.values():
             topic.update_rate(1.0)
-        if len(self.topics) > self.config.max_topics // 2:
+        if (
+            len(self.topics) > self.config.max_topics // 2
+            and now - self._forgot_at >= 60
+        ):
+            self._forgot_at = now
             self._forget_idle_topics()
 
     def _beat(self) -> None:

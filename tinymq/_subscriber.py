@@ -15,8 +15,37 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from ._errors import BadRequest, Forbidden
+
 if TYPE_CHECKING:
+    from ._config import Config
     from ._hub import Hub, Message, _Group
+
+
+def client_options(
+    config: Config, policy: object, max_rate: object
+) -> tuple[str | None, float | None]:
+    """
+    Check a subscriber's own choice of slow-consumer policy and rate,
+    given as query text or as JSON values, or raise L{BadRequest}.
+    """
+    if policy is None and max_rate is None:
+        return None, None
+    if not config.client_policy:
+        raise Forbidden("This server does not let clients choose a policy.")
+    if policy is not None and policy not in ("disconnect", "latest"):
+        raise BadRequest("'policy' is 'disconnect' or 'latest'.")
+    rate = None
+    if max_rate is not None:
+        if isinstance(max_rate, bool) or not isinstance(max_rate, (str, int, float)):
+            raise BadRequest("'max_rate' must be a number.")
+        try:
+            rate = float(max_rate)
+        except ValueError:
+            raise BadRequest("'max_rate' must be a number.") from None
+        if not 0 < rate <= 1000:
+            raise BadRequest("'max_rate' is between 0 and 1000.")
+    return policy, rate  # type: ignore[return-value]
 
 
 @implementer(IPushProducer)
@@ -120,6 +149,7 @@ class Subscriber:
         self._latest = {}
         self._held_bytes = 0
         if held and self.group is not None:
+            self.hub.delivered += len(held)
             self.write(self.group.encode(held))
 
     @property

@@ -19,7 +19,9 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 
 def _segments(name: str, what: str) -> list[str]:
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str):
+        raise InvalidTopic(f"The {what} must be a string.")
+    if not name:
         raise InvalidTopic(f"The {what} is empty.")
     if len(name) > MAX_TOPIC_LENGTH:
         raise InvalidTopic(

@@ -8,6 +8,7 @@ subscriber: the hub caches what it returns on the message.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from autobahn.websocket.protocol import PreparedMessage
@@ -19,7 +20,18 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-_BROWSER_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large for a JSON number")
+    return value
+
+
+# What a browser's JSON.parse accepts and gives back unchanged: no NaN or
+# Infinity, and no number so large it becomes Infinity.
+BROWSER_JSON = json.JSONDecoder(
+    parse_constant=_refuse_constant, parse_float=_finite_float
+)
 
 
 def is_json(text: str | bytes) -> bool:
@@ -34,8 +46,9 @@ def is_json(text: str | bytes) -> bool:
         except UnicodeDecodeError:
             return False
     try:
-        _BROWSER_JSON.decode(text)
-    except ValueError:
+        BROWSER_JSON.decode(text)
+    except (ValueError, RecursionError):
+        # Nested too deep for Python is text to TinyMQ, not JSON.
         return False
     return True
 

@@ -37,15 +37,15 @@ from ._config import Config
 from ._direct import writer_for
 from ._errors import (
     BadRequest,
-    Forbidden,
     InvalidPayload,
     PayloadTooLarge,
     TinyMQError,
 )
 from ._hub import Hub
 from ._limits import RateLimiter, check_publish_rate
-from ._subscriber import Subscriber
+from ._subscriber import Subscriber, client_options
 from ._topics import is_wildcard, validate_pattern, validate_topic
+from ._wire import BROWSER_JSON
 
 txaio.use_twisted()
 # Autobahn logs every frame at debug level; the broker logs at info.
@@ -206,26 +206,6 @@ class _BaseProtocol(WebSocketServerProtocol):
         payload = json.dumps(obj).encode("utf-8")
         self.sendMessage(payload)  # type: ignore[no-untyped-call]
 
-    def policy_options(
-        self, policy: object, max_rate: object
-    ) -> tuple[str | None, float | None]:
-        """Check a client's choice of policy and rate, or raise."""
-        if policy is None and max_rate is None:
-            return None, None
-        if not self.factory.config.client_policy:
-            raise Forbidden("This server does not let clients choose a policy.")
-        if policy is not None and policy not in ("disconnect", "latest"):
-            raise BadRequest("'policy' is 'disconnect' or 'latest'.")
-        rate = None
-        if max_rate is not None:
-            try:
-                rate = float(max_rate)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                raise BadRequest("'max_rate' must be a number.") from None
-            if not 0 < rate <= 1000:
-                raise BadRequest("'max_rate' is between 0 and 1000.")
-        return policy, rate  # type: ignore[return-value]
-
 
 class TopicProtocol(_BaseProtocol):
     """C{/api/topics/{pattern}/ws}: raw payloads in and out."""
@@ -245,7 +225,8 @@ class TopicProtocol(_BaseProtocol):
         authorize_subscribe(self.grant, self.pattern)
         params = request.params
         self.last = _query_int(params, "last")
-        self.policy, self.max_rate = self.policy_options(
+        self.policy, self.max_rate = client_options(
+            self.factory.config,
             (params.get("policy") or [None])[0],
             (params.get("max_rate") or [None])[0],
         )
@@ -288,8 +269,8 @@ class CommandProtocol(_BaseProtocol):
             if isBinary:
                 raise BadRequest("Commands are JSON text frames.")
             try:
-                command = json.loads(payload)
-            except ValueError:
+                command = BROWSER_JSON.decode(payload.decode("utf-8"))
+            except (ValueError, RecursionError):
                 raise BadRequest("A command is one JSON object.") from None
             if not isinstance(command, dict):
                 raise BadRequest("A command is one JSON object.")
@@ -322,8 +303,8 @@ class CommandProtocol(_BaseProtocol):
         limit = self.factory.config.max_subscriptions
         if pattern not in subscriber.patterns and len(subscriber.patterns) >= limit:
             raise BadRequest(f"A connection may follow at most {limit} topics.")
-        policy, max_rate = self.policy_options(
-            command.get("policy"), command.get("max_rate")
+        policy, max_rate = client_options(
+            self.factory.config, command.get("policy"), command.get("max_rate")
         )
         if policy is not None:
             subscriber.policy = policy

@@ -1,0 +1,76 @@
+"""
+The known gaps of docs/limitations.md that a test can observe. Each test
+states the behaviour users would want and is a strict xfail today: when a
+gap is closed its test passes, the xfail fails the suite, and the entry and
+its LIMITATION mark in the code are to be removed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .helpers import RecordingSubscriber, make_hub, parse_sse
+from .test_api import Client
+
+
+@pytest.mark.xfail(strict=True, reason="L-003: max_rate breaks id order")
+def test_rate_limited_stream_stays_in_id_order() -> None:
+    """A rate-limited stream of two topics delivers messages in id order."""
+    clock, hub = make_hub()
+    subscriber = RecordingSubscriber(hub, max_rate=1)
+    hub.attach(subscriber, ["a", "b"])
+
+    hub.publish("a", b"a1")
+    hub.flush()
+    clock.advance(0.1)
+    held = hub.publish("a", b"a2")
+    hub.flush()
+    clock.advance(0.1)
+    later = hub.publish("b", b"b1")
+    hub.flush()
+    clock.advance(1.0)
+
+    ids = [int(e.last_event_id) for e in parse_sse(subscriber.written)[0]]
+    assert held.id < later.id
+    assert ids == sorted(ids)
+
+
+@pytest.mark.xfail(strict=True, reason="L-004: replay ignores max_rate")
+def test_replay_respects_max_rate() -> None:
+    """A subscriber asking for last=5 at max_rate=1 gets one message at once."""
+    _, hub = make_hub()
+    for n in range(5):
+        hub.publish("a", b"%d" % n)
+    hub.flush()
+    subscriber = RecordingSubscriber(hub, max_rate=1)
+
+    hub.attach(subscriber, ["a"], last=5)
+
+    assert len(parse_sse(subscriber.written)[0]) == 1
+
+
+@pytest.mark.xfail(strict=True, reason="L-009: /messages reports no gap")
+def test_polling_endpoint_reports_a_gap() -> None:
+    """Polling from an id older than the kept history says so."""
+    client = Client(history_size=2)
+    first = json.loads(client.request("POST", "/api/topics/a", b"1")[2])["id"]
+    for n in range(2, 6):
+        client.request("POST", "/api/topics/a", b"%d" % n)
+
+    _, _, body = client.request("GET", f"/api/topics/a/messages?since={first}")
+
+    assert json.loads(body).get("gap") is True
+
+
+@pytest.mark.xfail(strict=True, reason="L-013: /api/topics has no paging")
+def test_topic_listing_pages() -> None:
+    """GET /api/topics?limit=1 lists one topic."""
+    client = Client()
+    for topic in ("a", "b", "c"):
+        client.request("POST", f"/api/topics/{topic}", b"x")
+
+    _, _, body = client.request("GET", "/api/topics?limit=1")
+
+    assert len(json.loads(body)["topics"]) == 1

@@ -505,3 +505,41 @@ def test_refused_origin_gets_no_cors_on_413() -> None:
 
     assert b"\r\nAccess-Control-Allow-Origin: https://dash.test\r\n" in allowed.value()
     assert b"Access-Control-Allow-Origin" not in refused.value()
+
+
+def test_history_poll_reports_a_gap() -> None:
+    """Polling from an id older than the kept history says there is a gap."""
+    client = Client(history_size=2)
+    first = json.loads(client.request("POST", "/api/topics/a", b"1")[2])["id"]
+    for n in range(2, 6):
+        client.request("POST", "/api/topics/a", b"%d" % n)
+    kept = json.loads(client.request("GET", "/api/topics/a/messages")[2])
+
+    _, _, old = client.request("GET", f"/api/topics/a/messages?since={first}")
+    newest_kept_before = kept["messages"][0]["id"]
+    _, _, recent = client.request(
+        "GET", f"/api/topics/a/messages?since={newest_kept_before}"
+    )
+
+    assert json.loads(old)["gap"] is True
+    assert [m["data"] for m in json.loads(old)["messages"]] == [4, 5]
+    assert json.loads(recent)["gap"] is False
+    assert [m["data"] for m in json.loads(recent)["messages"]] == [5]
+    assert kept["gap"] is False
+
+
+def test_topic_listing_pages_by_name() -> None:
+    """The topic list filters by prefix and pages with limit and after."""
+    client = Client()
+    for topic in ("a.x", "a.y", "a.z", "b.x"):
+        client.request("POST", f"/api/topics/{topic}", b"1")
+
+    first = json.loads(client.request("GET", "/api/topics?prefix=a.&limit=2")[2])
+    rest = json.loads(
+        client.request("GET", "/api/topics?prefix=a.&limit=2&after=a.y")[2]
+    )
+
+    assert [t["topic"] for t in first["topics"]] == ["a.x", "a.y"]
+    assert first["more"] is True
+    assert [t["topic"] for t in rest["topics"]] == ["a.z"]
+    assert rest["more"] is False

@@ -52,6 +52,7 @@ from ._ws import (
 
 _JSON_TYPES = (b"application/json",)
 _MAX_LAST = 1000
+_TOPIC_PAGE = 1000
 
 
 def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
@@ -219,16 +220,29 @@ class API:
 
     @app.route("/api/topics", methods=["GET"])
     def topics(self, request: IRequest) -> bytes:
-        """List the topics with their counters."""
-        # LIMITATION(L-013): one answer holds every topic; no paging.
+        """
+        List the topics with their counters, by name, a page at a time:
+        C{prefix} filters, C{after} continues after a name, C{limit} caps.
+        """
         grant = self._grant(request)
-        listing = [
-            self._topic_json(t)
-            for t in self.hub.topics.values()
-            if grant.may_subscribe(t.name)
-        ]
-        listing.sort(key=lambda t: t["topic"])
-        return _json(request, {"topics": listing, "server": self.hub.stats()})
+        prefix = _arg(request, "prefix") or ""
+        after = _arg(request, "after") or ""
+        limit = _int_arg(request, "limit", _TOPIC_PAGE, _TOPIC_PAGE)
+        names = sorted(
+            name
+            for name in self.hub.topics
+            if name.startswith(prefix) and name > after and grant.may_subscribe(name)
+        )
+        page = names[:limit]
+        listing = [self._topic_json(self.hub.topics[name]) for name in page]
+        return _json(
+            request,
+            {
+                "topics": listing,
+                "more": len(names) > len(page),
+                "server": self.hub.stats(),
+            },
+        )
 
     @app.route("/api/topics/<topic>", methods=["GET"])
     def topic(self, request: IRequest, topic: str) -> bytes:
@@ -257,6 +271,7 @@ class API:
                 "topic": topic,
                 "messages": [_message_json(m) for m in found],
                 "last_id": str(self.hub.last_id),
+                "gap": since is not None and self.hub.has_gap(topic, since),
             },
         )
 

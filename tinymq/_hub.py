@@ -488,12 +488,18 @@ class Hub:
             return False
         return all(topic.evicted_upto <= after for topic in topics)
 
+    def has_gap(self, topic_name: str, since: str) -> bool:
+        """
+        Tell whether messages of a topic after the id C{since} are no
+        longer kept, so that its history cannot fill a client's gap.
+        """
+        topic = self.topics.get(topic_name)
+        return not self._can_resume(parse_id(since), [topic] if topic else [])
+
     def messages(
         self, topic_name: str, since: str | None = None, limit: int = 100
     ) -> list[Message]:
         """Return up to C{limit} kept messages of a topic after C{since}."""
-        # LIMITATION(L-009): a gap before the oldest kept message is not
-        # reported to the poller.
         self._expire(self.clock.seconds())
         topic = self.topics.get(topic_name)
         if topic is None or limit <= 0:

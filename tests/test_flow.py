@@ -433,3 +433,21 @@ def test_stop_producing_leaves_hub(policy: str) -> None:
     assert hub.subscribers == set()
     assert hub.paused == {}
     assert hub._groups == {}
+
+
+def test_replay_to_a_rate_limited_subscriber_is_the_newest_per_topic() -> None:
+    """
+    A subscriber with max_rate asking for history gets the newest message of
+    each topic, in id order, not a burst; the rest counts as skipped.
+    """
+    _, hub = make_hub()
+    for topic, payload in [("a", b"a1"), ("b", b"b1"), ("a", b"a2"), ("a", b"a3")]:
+        hub.publish(topic, payload)
+    hub.flush()
+    subscriber = RecordingSubscriber(hub, max_rate=1)
+
+    hub.attach(subscriber, ["a", "b"], last=5)
+
+    events = parse_sse(subscriber.written)[0]
+    assert [event.data for event in events] == ["b1", "a3"]
+    assert hub.skipped == 2

@@ -32,17 +32,3 @@ def test_rate_limited_stream_stays_in_id_order() -> None:
     ids = [int(e.last_event_id) for e in parse_sse(subscriber.written)[0]]
     assert held.id < later.id
     assert ids == sorted(ids)
-
-
-@pytest.mark.xfail(strict=True, reason="L-004: replay ignores max_rate")
-def test_replay_respects_max_rate() -> None:
-    """A subscriber asking for last=5 at max_rate=1 gets one message at once."""
-    _, hub = make_hub()
-    for n in range(5):
-        hub.publish("a", b"%d" % n)
-    hub.flush()
-    subscriber = RecordingSubscriber(hub, max_rate=1)
-
-    hub.attach(subscriber, ["a"], last=5)
-
-    assert len(parse_sse(subscriber.written)[0]) == 1

@@ -525,8 +525,13 @@ class Hub:
         """
         new = frozenset(patterns) - subscriber.patterns
         self.flush()
-        # LIMITATION(L-004): the replay is not rate-limited by max_rate.
         replayed, reset = self.replay(new, last, since)
+        if subscriber.max_rate and replayed:
+            # A rate-limited subscriber wants current values, not a burst:
+            # the newest replayed message of each topic, in id order.
+            newest = {m.topic: m for m in replayed}
+            self.skipped += len(replayed) - len(newest)
+            replayed = sorted(newest.values(), key=lambda m: m.id)
         self.subscribers.add(subscriber)
         self._join(subscriber, subscriber.patterns | new)
         if reset:

@@ -79,10 +79,9 @@ class Topic:
         "last",
         "rate",
         "_counted",
-        "touched",
     )
 
-    def __init__(self, name: str, now: float) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.history: deque[Message] = deque()
         self.history_bytes = 0
@@ -91,7 +90,6 @@ class Topic:
         self.last: Message | None = None
         self.rate = 0.0
         self._counted = 0
-        self.touched = now
 
     def update_rate(self, interval: float) -> None:
         """Fold the messages since the last call into the smoothed rate."""
@@ -353,7 +351,7 @@ class Hub:
                 raise Unavailable(
                     f"The server holds its limit of {self.config.max_topics} topics."
                 )
-        topic = self.topics[name] = Topic(name, self.clock.seconds())
+        topic = self.topics[name] = Topic(name)
         return topic
 
     def _route(self, topic: str) -> Iterable[_Group]:
@@ -376,7 +374,6 @@ class Hub:
     def _record(self, topic: Topic, message: Message) -> None:
         topic.published += 1
         topic.last = message
-        topic.touched = message.time
         config = self.config
         if config.history_size == 0 or config.history_bytes == 0:
             topic.evicted_upto = message.id

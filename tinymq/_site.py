@@ -314,7 +314,6 @@ class TinyMQSite(Site):
         self.config = config
         self.channels: set[_Connection] = set()
         self.per_address: dict[str, int] = {}
-        self.refused = 0
         self._all_closed: list[Deferred[None]] = []
 
     def log(self, request: Request) -> None:  # type: ignore[override]
@@ -335,14 +334,12 @@ class TinyMQSite(Site):
         config = self.config
         address = client_address(transport)
         if len(self.channels) >= config.max_connections:
-            self.refused += 1
             return Unavailable(
                 f"The server holds its limit of {config.max_connections} connections."
             )
         count = self.per_address.get(address, 0)
         limit = config.max_connections_per_address
         if limit and count >= limit and address not in config.trusted_addresses:
-            self.refused += 1
             return TooManyRequests(
                 f"Your address holds its limit of {limit} connections.",
                 retry_after=10,

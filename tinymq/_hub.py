@@ -152,6 +152,9 @@ class _Group:
             messages = self._limit_rate(messages)
             if not messages:
                 return
+        self._write(messages)
+
+    def _write(self, messages: list[Message]) -> None:
         data = self.encode(messages)
         written = 0
         for subscriber in list(self.subscribers):
@@ -202,11 +205,7 @@ class _Group:
             self._schedule(now)
         if ready:
             ready.sort(key=lambda m: m.id)
-            interval, self._interval = self._interval, 0.0
-            try:
-                self.deliver(ready)
-            finally:
-                self._interval = interval
+            self._write(ready)
 
     def close(self) -> None:
         """Forget pending rate-limited messages."""

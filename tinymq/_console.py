@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
-from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from . import __version__
 from ._hub import Hub
 from ._metrics import backlog_bytes, connection_counts, history_messages, rank_topics
-from ._wire import sse_comment, sse_event
+from ._sse import cancel_call, open_event_stream
+from ._wire import sse_event
 
 CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 
@@ -182,16 +182,7 @@ class ConsoleFeed:
         Start a feed on C{request}; the Deferred fires when it ends, at the
         latest when the token expires at C{expires}.
         """
-        request.setHeader(b"Content-Type", b"text/event-stream")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        retry = self.hub.config.sse_retry
-        request.write(sse_comment(b"ok") + b"retry: %d\n\n" % (retry,))
-        channel = request.channel
-        if isinstance(channel, HTTPChannel):
-            # The feed is long-lived by design, like every SSE stream.
-            channel.setTimeout(None)
-
+        open_event_stream(request, self.hub.config.sse_retry)
         stream = _FeedStream(self, request)
         self.streams.add(stream)
         request.registerProducer(stream, True)
@@ -203,7 +194,7 @@ class ConsoleFeed:
         if expires is not None:
             clock = self.hub.clock
             expiry = clock.callLater(max(0.0, expires - clock.seconds()), stream.end)
-            stream.done.addBoth(_cancel_call, expiry)
+            stream.done.addBoth(cancel_call, expiry)
         return stream.done
 
     def _event(self) -> bytes:
@@ -227,9 +218,3 @@ class ConsoleFeed:
             self._ticker.stop()
         for stream in list(self.streams):
             stream.end()
-
-
-def _cancel_call(result: object, call: IDelayedCall) -> object:
-    if call.active():
-        call.cancel()
-    return result

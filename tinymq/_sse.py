@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
@@ -21,7 +22,7 @@ from ._direct import writer_for
 from ._errors import TinyMQError, Unauthorized
 from ._hub import Hub
 from ._subscriber import Subscriber
-from ._wire import sse_comment, sse_event
+from ._wire import http_chunk, sse_comment, sse_event
 
 
 class SSEStream(Subscriber):
@@ -50,18 +51,8 @@ class SSEStream(Subscriber):
         return a Deferred that fires when the server ends the stream.
         """
         request = self.request
-        request.setHeader(b"Content-Type", b"text/event-stream")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        retry = self.hub.config.sse_retry
-        request.write(sse_comment(b"ok") + b"retry: %d\n\n" % (retry,))
-
+        open_event_stream(request, self.hub.config.sse_retry)
         self._choose_write()
-        channel = request.channel
-        if isinstance(channel, HTTPChannel):
-            # A stream is long-lived by design; the idle timeout is for
-            # connections between requests.
-            channel.setTimeout(None)
         request.registerProducer(self, True)
         request.notifyFinish().addBoth(lambda _: self.gone())
         self.hub.attach(self, patterns, last, since)
@@ -83,7 +74,7 @@ class SSEStream(Subscriber):
             self.error,
             Unauthorized("The token has expired."),
         )
-        self.done.addBoth(_cancel, call)
+        self.done.addBoth(cancel_call, call)
 
     def reset(self, last_id: int) -> None:
         """Send the C{reset} event: history cannot fill the client's gap."""
@@ -102,12 +93,8 @@ class SSEStream(Subscriber):
         self._finish()
 
     def _write_event(self, event: bytes) -> None:
-        if self.closed:
-            return
-        if self.group is not None:
-            self.write(self.group.frame(event))
-        elif not self.chunked:
-            self.write(event)
+        if not self.closed:
+            self.write(http_chunk(event) if self.chunked else event)
 
     def overflow(self) -> None:
         """
@@ -162,7 +149,24 @@ class SSEStream(Subscriber):
         return getattr(channel, "transport", None)
 
 
-def _cancel(result: object, call: Any) -> object:
+def open_event_stream(request: Request, retry: int) -> None:
+    """
+    Send the headers and the opening bytes of an event stream at once, so
+    that the client sees it open before the first event.
+    """
+    request.setHeader(b"Content-Type", b"text/event-stream")
+    request.setHeader(b"Cache-Control", b"no-cache")
+    request.setHeader(b"X-Accel-Buffering", b"no")
+    request.write(sse_comment(b"ok") + b"retry: %d\n\n" % (retry,))
+    channel = request.channel
+    if isinstance(channel, HTTPChannel):
+        # A stream is long-lived by design; the idle timeout is for
+        # connections between requests.
+        channel.setTimeout(None)
+
+
+def cancel_call(result: object, call: IDelayedCall) -> object:
+    """Cancel C{call} if it is still pending; pass C{result} on."""
     if call.active():
         call.cancel()
     return result

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from treq.testing import StubTreq
 
+from tinymq._errors import BadRequest
 from tinymq._http import API
 from tinymq._hub import Hub
 from tinymq._site import Root
+from tinymq._subscriber import parse_count
 
 from .helpers import connect, make_hub, make_site, result_of, split_response
 
@@ -543,3 +545,19 @@ def test_topic_listing_pages_by_name() -> None:
     assert first["more"] is True
     assert [t["topic"] for t in rest["topics"]] == ["a.z"]
     assert rest["more"] is False
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, 7), ("0", 0), ("42", 42), ("5000", 1000), (3, 3), (5000, 1000)],
+)
+def test_counts_a_client_chooses(value: object, expected: int) -> None:
+    """'last' and 'limit' read query digits and JSON integers, capped."""
+    assert parse_count(value, "last", 7, 1000) == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "+1", " 1", "1.5", "\u0661", -1, 1.0, True])
+def test_bad_counts_are_refused(value: object) -> None:
+    """Signs, spaces, fractions, non-ASCII digits and booleans are 400."""
+    with pytest.raises(BadRequest):
+        parse_count(value, "last", 0, 1000)

@@ -40,7 +40,7 @@ from ._hub import Hub, Message, Topic
 from ._limits import RateLimiter, check_publish_rate
 from ._metrics import ServerMetrics
 from ._sse import SSEStream
-from ._subscriber import client_options
+from ._subscriber import MAX_LAST, client_options, parse_count
 from ._topics import is_wildcard, validate_pattern, validate_topic
 from ._wire import is_json
 from ._ws import (
@@ -51,7 +51,6 @@ from ._ws import (
 )
 
 _JSON_TYPES = (b"application/json",)
-_MAX_LAST = 1000
 _TOPIC_PAGE = 1000
 
 
@@ -74,12 +73,7 @@ def _arg(request: IRequest, name: str) -> str | None:
 
 
 def _int_arg(request: IRequest, name: str, default: int, top: int) -> int:
-    text = _arg(request, name)
-    if text is None:
-        return default
-    if not text.isascii() or not text.isdigit():
-        raise BadRequest(f"'{name}' must be a whole number, 0 or more.")
-    return min(int(text), top)
+    return parse_count(_arg(request, name), name, default, top)
 
 
 def _message_json(message: Message) -> dict[str, Any]:
@@ -183,7 +177,7 @@ class API:
         grant = self._grant(request)
         for pattern in patterns:
             authorize_subscribe(grant, pattern)
-        last = _int_arg(request, "last", 0, _MAX_LAST)
+        last = _int_arg(request, "last", 0, MAX_LAST)
         since = request.getHeader(b"last-event-id")
         since_text = since.decode("latin-1") if since else _arg(request, "lastEventId")
         policy = _arg(request, "policy")

@@ -22,6 +22,24 @@ if TYPE_CHECKING:
     from ._hub import Hub, Message, _Group
 
 
+# The most history messages per topic a client may ask for with 'last'.
+MAX_LAST = 1000
+
+
+def parse_count(value: object, name: str, default: int, top: int) -> int:
+    """
+    Read a whole number, 0 or more, that a client chose (as query text or
+    as a JSON integer), capped at C{top}, or raise L{BadRequest}.
+    """
+    if value is None:
+        return default
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return min(int(value), top)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return min(value, top)
+    raise BadRequest(f"'{name}' must be a whole number, 0 or more.")
+
+
 def client_options(
     config: Config, policy: object, max_rate: object
 ) -> tuple[str | None, float | None]:

@@ -43,7 +43,7 @@ from ._errors import (
 )
 from ._hub import Hub
 from ._limits import RateLimiter, check_publish_rate
-from ._subscriber import Subscriber, client_options
+from ._subscriber import MAX_LAST, Subscriber, client_options, parse_count
 from ._topics import is_wildcard, validate_pattern, validate_topic
 from ._wire import BROWSER_JSON
 
@@ -98,19 +98,6 @@ class WebSocketSubscriber(Subscriber):
         self.gone()
         if self.protocol.transport is not None:
             cast(ITCPTransport, self.protocol.transport).abortConnection()
-
-
-def _query_int(params: dict[str, list[str]], name: str) -> int:
-    values = params.get(name)
-    if not values:
-        return 0
-    try:
-        value = int(values[0])
-    except ValueError:
-        raise BadRequest(f"'{name}' must be a whole number.") from None
-    if value < 0:
-        raise BadRequest(f"'{name}' must not be negative.")
-    return value
 
 
 class _BaseProtocol(WebSocketServerProtocol):
@@ -224,7 +211,7 @@ class TopicProtocol(_BaseProtocol):
         self.pattern = validate_pattern(unquote(parts[3]))
         authorize_subscribe(self.grant, self.pattern)
         params = request.params
-        self.last = _query_int(params, "last")
+        self.last = parse_count((params.get("last") or [None])[0], "last", 0, MAX_LAST)
         self.policy, self.max_rate = client_options(
             self.factory.config,
             (params.get("policy") or [None])[0],
@@ -294,9 +281,7 @@ class CommandProtocol(_BaseProtocol):
         assert subscriber is not None
         pattern = validate_pattern(command.get("topic"))  # type: ignore[arg-type]
         authorize_subscribe(self.grant, pattern, self.hub.clock.seconds())
-        last = command.get("last", 0)
-        if not isinstance(last, int) or isinstance(last, bool) or last < 0:
-            raise BadRequest("'last' is a whole number, 0 or more.")
+        last = parse_count(command.get("last"), "last", 0, MAX_LAST)
         since = command.get("since")
         if since is not None and not isinstance(since, str):
             raise BadRequest("'since' is a message id string.")
